@@ -1,0 +1,1 @@
+"""One module per registered nerfstudio method; each builds its TrainerConfig and nothing else."""

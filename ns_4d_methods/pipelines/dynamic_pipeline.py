@@ -18,8 +18,9 @@ class DynamicPipelineConfig(VanillaPipelineConfig):
 
 
 class DynamicPipeline(VanillaPipeline):
-    """Hands the model a :class:`TimeFromPose` built from the training cameras (recomputed, never checkpointed)."""
+    """Hands the model a :class:`TimeFromPose` built from the dataset cameras (recomputed, never checkpointed)."""
 
     def __init__(self, config: DynamicPipelineConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.model.time_from_pose = TimeFromPose(self.datamanager.train_dataset.cameras)
+        datasets = [self.datamanager.train_dataset, getattr(self.datamanager, "eval_dataset", None)]
+        self.model.time_from_pose = TimeFromPose([d.cameras for d in datasets if d is not None])

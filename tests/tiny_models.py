@@ -1,0 +1,121 @@
+"""Tiny, randomly initialised Stable Diffusion and InstructPix2Pix pipelines for tests (no downloads).
+
+They use the real diffusers/transformers classes with small configs, so the package's loading and sampling code is
+what the tests exercise. Each builder saves the pipeline with ``save_pretrained`` into the given directory and
+returns it. Weights are seeded inside a forked RNG, so building does not disturb the caller's random state.
+
+Sizes: images are multiples of 2 pixels (the VAE downscales by 2), latents have 4 channels, the UNet has two
+resolution levels with cross-attention in both (block_out_channels (32, 64)), the text encoder 32-dim embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TEXT_DIM = 32
+MAX_TOKENS = 77
+# Stable Diffusion's noise schedule (both SD 1.5 and InstructPix2Pix use it)
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over printable ASCII characters with no merges: one token per character."""
+    chars = [chr(code) for code in range(33, 127)]  # byte-level BPE maps these bytes to themselves
+    vocab = {token: index for index, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
+
+
+def tiny_clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_DIM,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_unet(in_channels: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+
+
+def _components(unet_in_channels: int, seed: int) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_clip_tokenizer()
+        return {
+            "unet": tiny_unet(unet_in_channels),
+            "vae": tiny_vae(),
+            "text_encoder": tiny_clip_text_encoder(tokenizer),
+            "tokenizer": tokenizer,
+        }
+
+
+def build_tiny_sd_pipeline(path: str | Path, seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny text-to-image Stable Diffusion pipeline (DDIM scheduler, SD's betas), saved to ``path``."""
+    pipeline = StableDiffusionPipeline(
+        **_components(unet_in_channels=4, seed=seed),
+        scheduler=DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(path))
+    return pipeline
+
+
+def build_tiny_ip2p_pipeline(path: str | Path, seed: int = 0) -> StableDiffusionInstructPix2PixPipeline:
+    """A tiny InstructPix2Pix pipeline (UNet with 4 + 4 input channels; Euler ancestral, whose steps draw noise)."""
+    pipeline = StableDiffusionInstructPix2PixPipeline(
+        **_components(unet_in_channels=8, seed=seed),
+        scheduler=EulerAncestralDiscreteScheduler(**SD_BETAS),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(path))
+    return pipeline

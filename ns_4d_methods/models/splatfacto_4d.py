@@ -1,0 +1,188 @@
+"""splatfacto-4d: deformable 3D Gaussians (canonical Gaussians + a deformation MLP over (x, t)).
+
+nerfstudio's splatfacto supplies the canonical Gaussians, their densification (gsplat's DefaultStrategy), losses and
+schedules; this model moves the Gaussians to the camera's time with :class:`DeformationField` before rasterizing,
+with ``gsplat.rasterization`` on CUDA and :func:`rasterization_torch` elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from gsplat import rendering
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.scene_box import OrientedBox
+from nerfstudio.model_components.lib_bilagrid import color_correct
+from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
+from torch import Tensor
+from torch.nn import Parameter
+
+from ns_4d_methods.fields.deformation_field import DeformationField
+from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
+from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
+
+
+@dataclass
+class Splatfacto4DModelConfig(SplatfactoModelConfig):
+    """Splatfacto with a time-conditioned deformation of the Gaussians (Deformable-3DGS)."""
+
+    _target: Type = field(default_factory=lambda: Splatfacto4DModel)
+    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
+    """Rasterizer: "gsplat" (CUDA only), "torch" (pure PyTorch, any device) or "auto" (gsplat on CUDA, else torch)."""
+    deformation_num_layers: int = 8
+    """Hidden layers of the deformation MLP."""
+    deformation_layer_width: int = 256
+    """Width of the deformation MLP."""
+    position_frequencies: int = 10
+    """Positional-encoding frequencies of the canonical Gaussian centre."""
+    time_frequencies: int = 6
+    """Positional-encoding frequencies of time (Deformable-3DGS: 6 for synthetic scenes, 10 for real ones)."""
+    deformation_warmup: int = 3000
+    """Steps during which the Gaussians stay static and only the canonical scene is fitted (Deformable-3DGS: 3000)."""
+
+
+def _world_to_camera(camera_to_world: Tensor) -> Tensor:
+    """[C, 3, 4] nerfstudio (OpenGL) camera-to-world -> [C, 4, 4] gsplat (OpenCV) world-to-camera.
+
+    splatfacto's ``get_viewmat`` computes the same under ``torch.compile``, which takes about 20 s to build on a CPU.
+    """
+    rotation = camera_to_world[:, :3, :3] * camera_to_world.new_tensor([1.0, -1.0, -1.0])  # flip y and z axes
+    rotation_inv = rotation.transpose(1, 2)
+    viewmat = torch.eye(4, device=camera_to_world.device, dtype=camera_to_world.dtype).repeat(len(rotation), 1, 1)
+    viewmat[:, :3, :3] = rotation_inv
+    viewmat[:, :3, 3:4] = -rotation_inv @ camera_to_world[:, :3, 3:4]
+    return viewmat
+
+
+class Splatfacto4DModel(SplatfactoModel):
+    """Canonical 3D Gaussians deformed to each camera's time (``camera.times`` in [0, 1]) before rasterization."""
+
+    config: Splatfacto4DModelConfig
+
+    def populate_modules(self) -> None:
+        # splatfacto builds torchmetrics' LPIPS here, which downloads AlexNet weights at construction; LazyLPIPS takes
+        # its place and loads only weights already on disk. splatfacto imports the class inside the method, so it is
+        # swapped where it is imported from, for the duration of the call.
+        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
+            super().populate_modules()
+        self.deformation_field = DeformationField(
+            num_layers=self.config.deformation_num_layers,
+            layer_width=self.config.deformation_layer_width,
+            position_frequencies=self.config.position_frequencies,
+            time_frequencies=self.config.time_frequencies,
+        )
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_param_groups()
+        groups["deformation"] = list(self.deformation_field.parameters())
+        return groups
+
+    def deform(self, time: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """Centres [N, 3], quaternions [N, 4] and log-scales [N, 3] of all Gaussians at ``time``."""
+        means, quats, log_scales = self.means, self.quats, self.scales
+        if self.step < self.config.deformation_warmup:
+            return means, quats, log_scales
+        # As in Deformable-3DGS the network reads the canonical centres as fixed inputs: position gradients reach the
+        # canonical centres through the additive offset only.
+        times = torch.full((len(means), 1), float(time), device=means.device)
+        d_means, d_quats, d_log_scales = self.deformation_field(means.detach(), times)
+        return means + d_means, F.normalize(quats, dim=-1) + d_quats, log_scales + d_log_scales
+
+    def _rasterize(self, **kwargs):
+        use_gsplat = self.config.rasterizer == "gsplat" or (
+            self.config.rasterizer == "auto" and kwargs["means"].device.type == "cuda"
+        )
+        return (rendering.rasterization if use_gsplat else rasterization_torch)(**kwargs)
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
+        """Renders one camera at its time (time 0 when it has none); splatfacto's outputs."""
+        assert camera.shape[0] == 1, "Only one camera at a time"
+        if self.training:
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+        time = 0.0 if camera.times is None else float(camera.times.reshape(-1)[0])
+        means, quats, log_scales = self.deform(time)
+        opacities, colors = self.opacities, torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1)
+
+        if self.crop_box is not None and not self.training:
+            crop_ids = self.crop_box.within(means).squeeze()
+            if crop_ids.sum() == 0:
+                return self.get_empty_outputs(
+                    int(camera.width.item()), int(camera.height.item()), self.background_color
+                )
+            means, quats, log_scales = means[crop_ids], quats[crop_ids], log_scales[crop_ids]
+            opacities, colors = opacities[crop_ids], colors[crop_ids]
+
+        downscale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / downscale)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(downscale)
+
+        render_mode = "RGB+ED" if self.config.output_depth_during_training or not self.training else "RGB"
+        if self.config.sh_degree > 0:
+            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+
+        render, alpha, self.info = self._rasterize(
+            means=means,
+            quats=quats,
+            scales=torch.exp(log_scales),
+            opacities=torch.sigmoid(opacities).squeeze(-1),
+            colors=colors,
+            viewmats=_world_to_camera(camera_to_world),
+            Ks=K,
+            width=W,
+            height=H,
+            packed=False,
+            near_plane=0.01,
+            far_plane=1e10,
+            render_mode=render_mode,
+            sh_degree=sh_degree,
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(
+                self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info
+            )
+
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        if self.config.use_bilateral_grid and self.training:
+            if camera.metadata is not None and "cam_idx" in camera.metadata:
+                rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = render[..., 3:4]
+            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+        if not self.training:
+            background = background.expand(H, W, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, Tensor]:
+        """Renders a camera; one without times (``ns-render interpolate`` paths) is first placed in time from the
+        training cameras when the pipeline provided ``time_from_pose``."""
+        time_from_pose = getattr(self, "time_from_pose", None)
+        if camera.times is None and time_from_pose is not None:
+            camera = time_from_pose.fill(camera)
+        return super().get_outputs_for_camera(camera, obb_box)
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        """PSNR, SSIM (and LPIPS when its weights are on disk) and the ground truth beside the render."""
+        gt_rgb = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        predicted_rgb = outputs["rgb"]
+        metrics = image_metrics(gt_rgb, predicted_rgb, self.lpips)
+        if self.config.color_corrected_metrics:
+            corrected = image_metrics(gt_rgb, color_correct(predicted_rgb, gt_rgb), self.lpips)
+            metrics.update({f"cc_{name}": value for name, value in corrected.items()})
+        return metrics, {"img": torch.cat([gt_rgb, predicted_rgb], dim=1)}

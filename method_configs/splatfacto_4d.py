@@ -7,16 +7,16 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.dataparsers.dnerf_dataparser import DNeRFDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from ns_4d_methods.models.splatfacto_4d import Splatfacto4DModelConfig
 from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipelineConfig
+from ns_4d_methods.trainer import Trainer4DConfig
 
 _STEPS = 30000
 
 splatfacto_4d = MethodSpecification(
-    config=TrainerConfig(
+    config=Trainer4DConfig(
         method_name="splatfacto-4d",
         steps_per_eval_image=100,
         steps_per_eval_batch=0,

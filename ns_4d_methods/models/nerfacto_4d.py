@@ -1,0 +1,94 @@
+"""nerfacto-4d: nerfacto with time-aware fields (a 3D hash grid plus a 4D hash grid, summed), for dynamic scenes.
+
+Everything but the fields is nerfacto's: proposal sampling, renderers, interlevel/distortion/normal losses, camera
+optimiser. The model reads ``ray_bundle.times`` (in [0, 1]; rays without times are rendered at time 0) and hands the
+same times to the proposal density fields.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Type
+from unittest import mock
+
+import torch
+import torchmetrics.image.lpip
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import OrientedBox
+from nerfstudio.models import nerfacto
+from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
+from nerfstudio.utils import colormaps
+
+from ns_4d_methods.fields.nerfacto_4d_field import Nerfacto4DField, TimeHashMLPDensityField
+from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
+
+
+@dataclass
+class Nerfacto4DModelConfig(NerfactoModelConfig):
+    """Nerfacto with a 4D hash grid summed onto its 3D grid.
+
+    nerfacto's grid fields (num_levels, base_res, max_res, log2_hashmap_size, features_per_level) size the 3D grid;
+    the 4D grid shares its levels, base resolution and features per level. Each proposal network gets a 4D grid of
+    its own 3D grid's size.
+    """
+
+    _target: Type = field(default_factory=lambda: Nerfacto4DModel)
+    max_res_4d: int = 2048
+    """Finest resolution of the 4D (x, y, z, t) hash grid, on every axis time included."""
+    log2_hashmap_size_4d: int = 19
+    """Size of the 4D hash grid's table per level is 2^log2_hashmap_size_4d."""
+
+
+class Nerfacto4DModel(NerfactoModel):
+    """Nerfacto whose field and proposal density fields take (x, y, z, t)."""
+
+    config: Nerfacto4DModelConfig
+
+    def populate_modules(self):
+        field_4d = functools.partial(
+            Nerfacto4DField, max_res_4d=self.config.max_res_4d, log2_hashmap_size_4d=self.config.log2_hashmap_size_4d
+        )
+        # NerfactoModel.populate_modules builds its fields and torchmetrics' LPIPS (whose constructor downloads
+        # AlexNet weights) by name: have it build the 4D fields and a lazy, never-downloading LPIPS instead, so the
+        # proposal wiring stays nerfacto's own.
+        with mock.patch.object(nerfacto, "NerfactoField", field_4d), mock.patch.object(
+            nerfacto, "HashMLPDensityField", TimeHashMLPDensityField
+        ), mock.patch.object(torchmetrics.image.lpip, "LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
+            super().populate_modules()
+        self.untimed_density_fns = self.density_fns
+
+    def get_outputs(self, ray_bundle: RayBundle):
+        if ray_bundle.times is None:
+            ray_bundle.times = torch.zeros_like(ray_bundle.origins[..., :1])
+        # nerfstudio's proposal sampler calls density_fns(positions) without times: bind this batch's ray times
+        # ([rays, 1, 1], broadcast over each ray's samples). The viewer renders under the trainer's lock, so two
+        # batches never share these.
+        times = ray_bundle.times[..., None, :]
+        self.density_fns = [functools.partial(fn, times=times) for fn in self.untimed_density_fns]
+        return super().get_outputs(ray_bundle)
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
+        # camera paths without times (ns-render interpolate) are placed in time along the dataset cameras
+        if hasattr(self, "time_from_pose"):
+            camera = self.time_from_pose.fill(camera)
+        return super().get_outputs_for_camera(camera, obb_box=obb_box)
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        gt_rgb = self.renderer_rgb.blend_background(batch["image"].to(self.device))
+        predicted_rgb = outputs["rgb"]
+        metrics_dict = image_metrics(gt_rgb, predicted_rgb, self.lpips)
+        images_dict = {
+            "img": torch.cat([gt_rgb, predicted_rgb], dim=1),
+            "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+            "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
+        }
+        for i in range(self.config.num_proposal_iterations):
+            images_dict[f"prop_depth_{i}"] = colormaps.apply_depth_colormap(
+                outputs[f"prop_depth_{i}"], accumulation=outputs["accumulation"]
+            )
+        return metrics_dict, images_dict

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Type
 
+import torch
+from nerfstudio.configs.base_config import MachineConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 
 from ns_4d_methods.errors import InputError
@@ -23,9 +25,13 @@ def latest_checkpoint(load_dir: Path, field_name: str = "--load-dir") -> Path:
 
 @dataclass
 class Trainer4DConfig(TrainerConfig):
-    """nerfstudio's TrainerConfig, with checkpoint paths checked before loading."""
+    """nerfstudio's TrainerConfig, with checkpoint paths checked before loading and a device that exists."""
 
     _target: Type = field(default_factory=lambda: Trainer4D)
+    machine: MachineConfig = field(
+        default_factory=lambda: MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu")
+    )
+    """Machine configuration; the device defaults to CUDA when present and the CPU otherwise."""
 
 
 class Trainer4D(Trainer):

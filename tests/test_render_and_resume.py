@@ -30,7 +30,10 @@ def train_args(scene: Path, out: Path, iters: int, *extra: str):
         sys.executable, "-m", "nerfstudio.scripts.train", "splatfacto-4d", "--vis", "tensorboard",
         "--output-dir", str(out), "--experiment-name", "exp", "--timestamp", "run",
         "--max-num-iterations", str(iters), "--steps-per-save", "20",
-        "--pipeline.model.num-random", "2000", *extra, "--data", str(scene),
+        "--pipeline.model.num-random", "2000", "--pipeline.model.deformation-warmup", "0",
+        # Without the static warm-up, the default deformation learning rate overshoots in a 60-step run.
+        "--optimizers.deformation.optimizer.lr", "5e-5", *extra,
+        "--data", str(scene),
     ]
 
 
@@ -56,8 +59,9 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = sorted((tmp_path / "out" / "exp" / "splatfacto-4d" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
     steps = [int(p.stem.split("-")[1]) for p in resumed]
-    # Resumed at step 60: its checkpoints are at 60 and the last step only, none from a fresh start.
-    assert min(steps) >= 60 and max(steps) == 79, steps
+    # nerfstudio runs --max-num-iterations more steps after the loaded one: resumed at 60, it ends at 139
+    # (a fresh start would end at 79).
+    assert steps == [139], steps
 
 
 @pytest.mark.parametrize("bad", ["missing", "empty"])
@@ -96,23 +100,47 @@ def test_camera_path_with_fixed_camera_renders_time_moving(trained, tmp_path):
     out = tmp_path / "frames"
     result = run([sys.executable, "-m", "nerfstudio.scripts.render", "camera-path",
                   "--load-config", str(run_dir / "config.yml"), "--camera-path-filename", str(tmp_path / "path.json"),
-                  "--output-format", "images", "--output-path", str(out)])
+                  "--output-format", "images", "--image-format", "png", "--output-path", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     frames = frames_of(out)
     assert len(frames) == len(times)
     diffs = [float(np.abs(a - b).mean()) for a, b in zip(frames, frames[1:])]
-    assert min(diffs) > 0.5, f"frames do not change with time: mean abs differences {diffs}"
+    # Rendering is deterministic: with time ignored every difference is exactly 0.
+    assert min(diffs) > 0.01 and max(diffs) > 0.1, f"frames do not change with time: mean abs differences {diffs}"
 
 
-@pytest.mark.parametrize("mode", ["spiral", "interpolate"])
-def test_spiral_and_interpolate_write_videos(trained, tmp_path, mode):
+def test_interpolate_writes_a_video(trained, tmp_path):
     _, run_dir = trained
-    out = tmp_path / f"{mode}.mp4"
-    extra = ["--frame-rate", "8"] + (["--seconds", "1"] if mode == "spiral" else ["--interpolation-steps", "3"])
-    result = run([sys.executable, "-m", "nerfstudio.scripts.render", mode, "--load-config",
-                  str(run_dir / "config.yml"), "--output-path", str(out), *extra])
+    out = tmp_path / "interpolate.mp4"
+    result = run([sys.executable, "-m", "nerfstudio.scripts.render", "interpolate", "--load-config",
+                  str(run_dir / "config.yml"), "--output-path", str(out), "--interpolation-steps", "3",
+                  "--frame-rate", "8"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.stat().st_size > 1000
+
+
+def test_spiral_renders_time_moving_for_nerfacto_4d(trained, tmp_path):
+    """nerfstudio's spiral needs a ray-based datamanager (it asserts one), so it is nerfacto-4d's path."""
+    scene, _ = trained
+    tiny = ["--pipeline.model.num-levels", "4", "--pipeline.model.max-res", "64", "--pipeline.model.log2-hashmap-size",
+            "12", "--pipeline.model.max-res-4d", "64", "--pipeline.model.log2-hashmap-size-4d", "12",
+            "--pipeline.model.num-nerf-samples-per-ray", "16", "--pipeline.model.num-proposal-samples-per-ray", "32",
+            "16", "--pipeline.datamanager.train-num-rays-per-batch", "512"]
+    args = train_args(scene, tmp_path / "out", 20, *tiny)
+    args[args.index("splatfacto-4d")] = "nerfacto-4d"
+    for flag in ("--pipeline.model.num-random", "--pipeline.model.deformation-warmup",
+                 "--optimizers.deformation.optimizer.lr"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = tmp_path / "out" / "exp" / "nerfacto-4d" / "run" / "config.yml"
+    out = tmp_path / "spiral"
+    result = run([sys.executable, "-m", "nerfstudio.scripts.render", "spiral", "--load-config", str(config),
+                  "--output-path", str(out), "--output-format", "images", "--image-format", "png",
+                  "--seconds", "1", "--frame-rate", "6"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames = frames_of(out)
+    assert len(frames) == 6 and min(float(np.abs(a - b).mean()) for a, b in zip(frames, frames[1:])) > 0.1
 
 
 def test_interpolate_gives_the_model_advancing_times(trained, monkeypatch):
@@ -135,5 +163,6 @@ def test_interpolate_gives_the_model_advancing_times(trained, monkeypatch):
                        interpolation_steps=4, frame_rate=8).main()
     # The test split's 5 cameras are in time order 0, .25, .5, .75, 1: the path's times must climb through them.
     assert len(seen) >= 16
-    assert seen[0] == pytest.approx(0.0, abs=1e-6) and max(seen) == pytest.approx(0.75, abs=0.02)
+    assert seen[0] == pytest.approx(0.0, abs=1e-6) and seen[-1] == pytest.approx(1.0, abs=1e-6)
+    assert len(set(round(t, 3) for t in seen)) >= 8
     assert all(b >= a - 1e-6 for a, b in zip(seen, seen[1:])), seen

@@ -85,7 +85,7 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
         sys.executable, "-m", "nerfstudio.scripts.train", "splatfacto-4d",
         "--output-dir", str(tmp_path / "out"), "--max-num-iterations", "150",
         "--viewer.websocket-port", str(port), "--viewer.quit-on-train-completion", "False",
-        "--pipeline.model.num-random", "3000",
+        "--pipeline.model.num-random", "3000", "--pipeline.model.deformation-warmup", "0",
         "--data", str(scene),
     ]
     with open(log, "w") as out:

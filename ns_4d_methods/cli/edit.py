@@ -1,0 +1,391 @@
+"""``ns-4d-edit``: edit a video, a wide panorama or a multi-view image set by a prompt, consistently, with the
+self-attention injection editor (:mod:`ns_4d_methods.guidance.attention_injection`), and report edit metrics.
+
+- ``ns-4d-edit video IN.mp4 --prompt "..."``: every frame, batched against one reference frame; frames stream from
+  and to disk, so memory does not grow with the video's length.
+- ``ns-4d-edit panorama IN.jpg --prompt "..."``: overlapping square windows, edited against a shared reference
+  window and blended back with feathered (tent) weights, so window borders leave no seams.
+- ``ns-4d-edit images DIR --prompt "..."``: every image of a folder (views of a scene) against one reference view.
+- ``ns-4d-edit metrics ORIGINAL EDITED --prompt "..."``: the metrics of an existing edit.
+
+Each edit writes its result (never over the input) and a ``<output stem>.metrics.json`` report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+import torch
+import tyro
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+from typing_extensions import Annotated
+
+from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, edit_metrics, format_report, load_clip_or_skip
+from ns_4d_methods.errors import InputError
+from ns_4d_methods.guidance.attention_injection import SD21_BASE, AttentionInjectionConfig, AttentionInjectionEditor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+Size = Tuple[int, int]  # (height, width)
+
+
+# ---------------------------------------------------------------- reading and writing
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3]."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"{path}: cannot read an image ({type(error).__name__})") from error
+
+
+def resize(frame: np.ndarray, size: Size) -> np.ndarray:
+    if frame.shape[:2] == size:
+        return frame
+    return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def probe_video(path: Path) -> Tuple[int, float, Size]:
+    """Frame count (as the container reports it), frame rate and frame size of a readable video."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        ok, frame = capture.read() if capture.isOpened() else (False, None)
+        if not ok:
+            raise InputError(f"{path}: cannot read a video (not a video file, or no decodable frames)")
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = capture.get(cv2.CAP_PROP_FPS) or 24.0
+        return max(count, 1), fps, frame.shape[:2]
+    finally:
+        capture.release()
+
+
+def read_video(path: Path, size: Optional[Size] = None, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The frames of a video as uint8 RGB [H, W, 3], resized to ``size``, one at a time."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        count = 0
+        while max_frames is None or count < max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            yield resize(frame, size) if size else frame
+            count += 1
+    finally:
+        capture.release()
+
+
+def list_images(folder: Path) -> List[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a directory")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def to_tensor(frame: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255.0
+
+
+def to_frame(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def fit_size(size: Size, height: Optional[int], multiple: int) -> Size:
+    """``size`` scaled to ``height`` (keeping the aspect ratio), both sides rounded to a multiple of ``multiple``."""
+    scale = (height or size[0]) / size[0]
+    return tuple(max(multiple, int(round(side * scale / multiple)) * multiple) for side in size)  # type: ignore
+
+
+def window_starts(length: int, window: int, overlap: float) -> List[int]:
+    """Evenly spaced starts of windows covering ``[0, length)`` that overlap by at least ``overlap``."""
+    stride = max(1, int(window * (1.0 - overlap)))
+    count = math.ceil((length - window) / stride) + 1
+    return [int(round(i * (length - window) / max(count - 1, 1))) for i in range(count)]
+
+
+def crop(image: np.ndarray, y: int, x: int, side: int) -> np.ndarray:
+    return image[y : y + side, x : x + side]
+
+
+def feather(window: int) -> np.ndarray:
+    """Tent weights [window, window]: 1 in the middle, falling towards every border, positive everywhere."""
+    ramp = np.minimum(np.arange(window) + 1.0, window - np.arange(window)) / math.ceil(window / 2)
+    return np.outer(ramp, ramp)
+
+
+class FeatheredCanvas:
+    """Blends overlapping square tiles into one image with :func:`feather` weights (normalised per pixel).
+
+    A pixel's value is the weighted mean of the tiles covering it; each tile's weight fades to almost nothing at its
+    border, where a neighbour's is near its peak, so tiles cross-fade over the overlap instead of meeting at a seam.
+    """
+
+    def __init__(self, shape: Tuple[int, int, int], window: int) -> None:
+        self.window = window
+        self.weights = feather(window)[..., None]
+        self.total = np.zeros(shape, dtype=np.float64)
+        self.weight = np.zeros(shape[:2] + (1,), dtype=np.float64)
+
+    def add(self, y: int, x: int, tile: np.ndarray) -> None:
+        """Add a float tile [window, window, C] whose top-left corner is (y, x)."""
+        region = (slice(y, y + self.window), slice(x, x + self.window))
+        self.total[region] += self.weights * tile
+        self.weight[region] += self.weights
+
+    def result(self) -> np.ndarray:
+        """The blended image as uint8, from tiles in [0, 1]; every pixel must be covered."""
+        return (np.clip(self.total / self.weight, 0, 1) * 255.0).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- commands
+@dataclass(kw_only=True)
+class EditOptions:
+    """Options shared by every edit command."""
+
+    prompt: str
+    """The edit prompt: a description of the edited result (e.g. "a red sports car on a snowy road")."""
+    source_prompt: str = ""
+    """A description of the input: the DDIM inversion prompt and CLIP's source text (PnP inverts with "")."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional guidance branch."""
+    model: str = SD21_BASE
+    """Stable Diffusion to edit with: a hub id or a local directory saved with save_pretrained."""
+    steps: int = 50
+    """DDIM steps for the inversion and for the edit."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the edit."""
+    t_edit: float = 0.8
+    """Fraction of the steps with structure injection (ResNet features, self-attention Q/K), in [0, 1]."""
+    t_context: float = 0.5
+    """Fraction of the steps in which images take self-attention K/V from the reference, in [0, 1]."""
+    batch_size: int = 4
+    """Images edited at once against the reference (memory grows with it, not with the input's length)."""
+    reference: Optional[int] = None
+    """Index of the reference frame / window / image (default: the middle one)."""
+    output: Optional[Path] = None
+    """Where to write the result (default: next to the input, with an _edited suffix); never the input itself."""
+    clip_model: str = CLIP_MODEL
+    """CLIP model for the metric report (hub id or local directory); skipped with a message when unavailable."""
+    device: str = DEFAULT_DEVICE
+    """Device to run on."""
+
+    def editor_config(self) -> AttentionInjectionConfig:
+        return AttentionInjectionConfig(
+            model=self.model, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+            t_edit=self.t_edit, t_context=self.t_context, negative_prompt=self.negative_prompt,
+            inversion_prompt=self.source_prompt, batch_size=self.batch_size,
+        )
+
+    def output_path(self, source: Path, default: Path) -> Path:
+        output = self.output or default
+        if output.resolve() == source.resolve():
+            raise InputError(f"--output {output}: is the input; choose another path (inputs are never overwritten)")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return output
+
+    def reference_index(self, count: int, what: str) -> int:
+        index = count // 2 if self.reference is None else self.reference
+        if not 0 <= index < count:
+            raise InputError(f"--reference {index}: expected a {what} index in [0, {count - 1}]")
+        return index
+
+    def report(self, pairs: Iterator[Tuple[np.ndarray, np.ndarray]], output: Path, temporal: bool) -> None:
+        clip = load_clip_or_skip(self.clip_model, self.device, "--clip-model")
+        report = edit_metrics(pairs, self.prompt, self.source_prompt, clip, temporal)
+        path = output.parent / f"{output.stem}.metrics.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(format_report(report))
+        print(f"Wrote the metric report to {path}")
+
+
+@dataclass(kw_only=True)
+class EditVideo(EditOptions):
+    """Edit every frame of a video against one reference frame; writes an mp4 and a metric report."""
+
+    input: tyro.conf.Positional[Path]
+    """The video to edit."""
+    height: int = 512
+    """Frame height to edit at (the width keeps the aspect ratio); rounded to the model's size multiple."""
+    max_frames: Optional[int] = None
+    """Edit only the first this many frames."""
+
+    def main(self) -> None:
+        config = self.editor_config()  # validates the schedule before anything is read or loaded
+        if self.max_frames is not None and self.max_frames < 1:
+            raise InputError(f"--max-frames {self.max_frames}: expected at least 1")
+        count, fps, native = probe_video(self.input)
+        count = min(count, self.max_frames or count)
+        index = self.reference_index(count, "frame")
+        output = self.output_path(self.input, self.input.with_name(f"{self.input.stem}_edited.mp4"))
+        editor = AttentionInjectionEditor(config, self.device, field_name="--model")
+        size = fit_size(native, self.height, editor.size_multiple)
+        reference = next((f for i, f in enumerate(read_video(self.input, size)) if i == index), None)
+        if reference is None:
+            raise InputError(f"{self.input}: frame {index} cannot be read")
+        frames = (to_tensor(frame) for frame in read_video(self.input, size, self.max_frames))
+        writer = imageio_ffmpeg.write_frames(
+            str(output), (size[1], size[0]), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+        )
+        writer.send(None)  # start ffmpeg
+        try:
+            for edited in tqdm(editor.edit(frames, to_tensor(reference), self.prompt), total=count, unit="frame"):
+                writer.send(np.ascontiguousarray(to_frame(edited)))
+        finally:
+            writer.close()
+        print(f"Wrote {output} ({size[1]}x{size[0]}, reference frame {index})")
+        pairs = zip(read_video(self.input, size, self.max_frames), read_video(output))
+        self.report(pairs, output, temporal=True)
+
+
+@dataclass(kw_only=True)
+class EditPanorama(EditOptions):
+    """Edit a wide image in overlapping windows against a shared reference window and blend them back."""
+
+    input: tyro.conf.Positional[Path]
+    """The panorama (any image file)."""
+    window: int = 512
+    """Side of the square windows in pixels (a multiple of the model's size multiple)."""
+    overlap: float = 0.5
+    """Least overlap of neighbouring windows, as a fraction of the window, in [0, 1)."""
+    height: Optional[int] = None
+    """Resize the panorama to this height first (the width keeps the aspect ratio)."""
+
+    def windows(self, size: Size) -> List[Tuple[int, int]]:
+        if size[0] < self.window or size[1] < self.window:
+            raise InputError(
+                f"{self.input}: {size[1]}x{size[0]} is smaller than one {self.window}x{self.window} window"
+            )
+        ys, xs = (window_starts(side, self.window, self.overlap) for side in size)
+        return [(y, x) for y in ys for x in xs]
+
+    def main(self) -> None:
+        config = self.editor_config()
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"--overlap {self.overlap}: expected a fraction in [0, 1)")
+        panorama = read_image(self.input)
+        if self.height:
+            scale = self.height / panorama.shape[0]
+            panorama = resize(panorama, (self.height, max(1, int(round(panorama.shape[1] * scale)))))
+        windows = self.windows(panorama.shape[:2])
+        y, x = windows[self.reference_index(len(windows), "window")]
+        output = self.output_path(self.input, self.input.with_name(f"{self.input.stem}_edited.png"))
+        editor = AttentionInjectionEditor(config, self.device, field_name="--model")
+        if self.window % editor.size_multiple:
+            raise InputError(f"--window {self.window}: expected a multiple of {editor.size_multiple} for this model")
+        reference = to_tensor(crop(panorama, y, x, self.window))
+        canvas = FeatheredCanvas(panorama.shape, self.window)
+        crops = (to_tensor(crop(panorama, y, x, self.window)) for y, x in windows)
+        edits = editor.edit(crops, reference, self.prompt)
+        for (y, x), edited in tqdm(zip(windows, edits), total=len(windows), unit="window"):
+            canvas.add(y, x, edited.permute(1, 2, 0).double().numpy())
+        result = canvas.result()
+        Image.fromarray(result).save(output)
+        print(f"Wrote {output} ({result.shape[1]}x{result.shape[0]}, {len(windows)} windows)")
+        pairs = ((crop(panorama, y, x, self.window), crop(result, y, x, self.window)) for y, x in windows)
+        self.report(pairs, output, temporal=False)
+
+
+@dataclass(kw_only=True)
+class EditImages(EditOptions):
+    """Edit every image of a folder (views of a scene) against one reference view; writes a folder."""
+
+    input: tyro.conf.Positional[Path]
+    """The folder of images."""
+    height: int = 512
+    """Height to edit at; every view is edited and written at the reference view's aspect ratio, rounded to the
+    model's size multiple."""
+
+    def main(self) -> None:
+        config = self.editor_config()
+        paths = list_images(self.input)
+        index = self.reference_index(len(paths), "image")
+        reference = read_image(paths[index])
+        output = self.output_path(self.input, self.input.with_name(f"{self.input.name}_edited"))
+        output.mkdir(exist_ok=True)
+        editor = AttentionInjectionEditor(config, self.device, field_name="--model")
+        size = fit_size(reference.shape[:2], self.height, editor.size_multiple)
+        images = (to_tensor(resize(read_image(path), size)) for path in paths)
+        edits = editor.edit(images, to_tensor(resize(reference, size)), self.prompt)
+        for path, edited in tqdm(zip(paths, edits), total=len(paths), unit="image"):
+            Image.fromarray(to_frame(edited)).save(output / path.name)
+        print(f"Wrote {len(paths)} edited images to {output} (reference {paths[index].name})")
+        pairs = ((resize(read_image(path), size), read_image(output / path.name)) for path in paths)
+        self.report(pairs, output, temporal=False)
+
+
+@dataclass(kw_only=True)
+class EditMetrics:
+    """Metrics of an existing edit: two videos, two folders of images, or two images (scored in square windows)."""
+
+    original: tyro.conf.Positional[Path]
+    """The input that was edited."""
+    edited: tyro.conf.Positional[Path]
+    """The edited result."""
+    prompt: str
+    """The edit prompt (CLIP's target text)."""
+    source_prompt: str = ""
+    """A description of the original (CLIP's source text for the directional similarity)."""
+    clip_model: str = CLIP_MODEL
+    """CLIP model (hub id or local directory); the CLIP scores are skipped with a message when it is unavailable."""
+    output: Optional[Path] = None
+    """Also write the report as JSON here."""
+    device: str = DEFAULT_DEVICE
+    """Device to run CLIP on."""
+
+    def pairs(self) -> Tuple[Iterator[Tuple[np.ndarray, np.ndarray]], bool]:
+        """(original, edited) frame pairs with the original resized to the edit, and whether they are a sequence."""
+        if self.original.is_dir() and self.edited.is_dir():
+            names = [path.name for path in list_images(self.edited)]
+            missing = [name for name in names if not (self.original / name).is_file()]
+            if missing:
+                raise InputError(f"{self.original}: has no {missing[0]} to compare with {self.edited / missing[0]}")
+            images = ((read_image(self.edited / name), read_image(self.original / name)) for name in names)
+            return ((resize(original, edited.shape[:2]), edited) for edited, original in images), False
+        if self.original.suffix.lower() in IMAGE_SUFFIXES and self.edited.suffix.lower() in IMAGE_SUFFIXES:
+            edited = read_image(self.edited)
+            original = resize(read_image(self.original), edited.shape[:2])
+            side = min(edited.shape[:2])  # CLIP sees square windows of a wide image, not one squashed frame
+            ys, xs = (window_starts(length, side, 0.5) for length in edited.shape[:2])
+            windows = [(y, x) for y in ys for x in xs]
+            return ((crop(original, y, x, side), crop(edited, y, x, side)) for y, x in windows), False
+        probe_video(self.original)
+        _, _, size = probe_video(self.edited)
+        return zip(read_video(self.original, size), read_video(self.edited)), True
+
+    def main(self) -> None:
+        pairs, temporal = self.pairs()
+        clip = load_clip_or_skip(self.clip_model, self.device, "--clip-model")
+        report = edit_metrics(pairs, self.prompt, self.source_prompt, clip, temporal)
+        print(format_report(report))
+        if self.output:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.output.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"Wrote the metric report to {self.output}")
+
+
+Command = Union[
+    Annotated[EditVideo, tyro.conf.subcommand("video")],
+    Annotated[EditPanorama, tyro.conf.subcommand("panorama")],
+    Annotated[EditImages, tyro.conf.subcommand("images")],
+    Annotated[EditMetrics, tyro.conf.subcommand("metrics")],
+]
+
+
+def entrypoint(args: Optional[Sequence[str]] = None) -> None:
+    """``ns-4d-edit``; ``args`` replaces the command line (for tests)."""
+    tyro.cli(Command, args=args).main()
+
+
+if __name__ == "__main__":
+    entrypoint()

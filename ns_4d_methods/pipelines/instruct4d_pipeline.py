@@ -1,0 +1,568 @@
+"""instruct4d: Instruct 4D-to-4D, editing a reconstructed 4D scene by an instruction while it keeps training.
+
+The pipeline starts from a reconstruction (``--load-dir``) and keeps training it on a dataset that it edits as it
+goes (iterative dataset update), on a schedule inside the training loop (no threads). ``get_train_loss_dict`` runs at
+most one *edit unit* when one is due (every ``steps_per_edit_unit`` steps after ``edit_start_step``), then the usual
+loss. The units, in order:
+
+1. **key-view rounds** (one unit each). Monocular data (one camera, frames ordered by time): the first frame is the
+   key view and gets a full InstructPix2Pix edit. Multi-camera data (``n3dv-data``, cameras named in the metadata's
+   ``camera_names``): at the first frame, ``num_key_views`` random cameras are edited jointly with anchor attention;
+   each key view is blended with the other key views projected into it through depth rendered from the model
+   (``key_view_threshold``), then the key views are projected into every other camera (``other_view_threshold``),
+   blended with its current image and the holes repainted by InstructPix2Pix. Rounds after the first start from
+   the current images, with the strength on a cosine from 1 to ``key_round_final_strength``.
+2. **a propagation pass**, one window per unit: per camera, flow-guided sliding windows in time
+   (:mod:`ns_4d_methods.editing.flow_propagation`) carry the camera's edited first frame through its frames.
+3. **refresh passes**, every ``refresh_every`` steps: the same windows, with the model's current renders as the
+   images that the warped edits are composited onto, so the edits follow what the scene has become.
+
+Edits are PNGs in an :class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never
+written); the training images are read through :class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, and
+the train dataloader's image cache is refreshed after every unit. The schedule position and the store's index are
+saved in the checkpoint (``get_extra_state``); resuming copies the earlier run's edits into the new run. The
+InstructPix2Pix weights are never part of a checkpoint. At the end of training an original|edited video per camera
+is written to ``<run>/edit_videos/``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Type
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.utils.rich_utils import CONSOLE
+from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
+from rich.progress import track
+
+from ns_4d_methods.data.edit_store import EditStore
+from ns_4d_methods.data.edited_dataset import EditedFrameDataset
+from ns_4d_methods.editing.depth_projection import (
+    KEY_VIEW_THRESHOLD,
+    OTHER_VIEW_THRESHOLD,
+    DepthKind,
+    blend_with_current,
+    hole_mask,
+    project_key_views,
+)
+from ns_4d_methods.editing.flow_propagation import PropagatedWindow, propagate, window_ranges
+from ns_4d_methods.editing.optical_flow import FlowBackend, FlowEstimator, build_flow_estimator
+from ns_4d_methods.errors import InputError
+from ns_4d_methods.guidance.frame_editor import FrameEditor
+from ns_4d_methods.guidance.ip2p_editor import IP2P_MODEL_ID, AnchorAttentionMode, InstructPix2PixEditor
+from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
+
+CAMERA_NAME = re.compile(r"cam(\d+)")
+Phase = Literal["key", "propagate", "wait", "refresh"]
+
+
+@dataclass
+class Instruct4DPipelineConfig(DynamicPipelineConfig):
+    """Instruct 4D-to-4D: edits a reconstructed 4D scene's training frames by an instruction while training on them."""
+
+    _target: Type = field(default_factory=lambda: Instruct4DPipeline)
+    datamanager: VanillaDataManagerConfig = field(
+        default_factory=lambda: VanillaDataManagerConfig(
+            _target=VanillaDataManager[EditedFrameDataset],
+            train_num_images_to_sample_from=50,
+            train_num_times_to_repeat_images=250,
+        )
+    )
+    """Reads training images through the edit store; samples rays from a bounded subset of images at a time."""
+    prompt: str = ""
+    """The edit instruction, e.g. "Make it look like a bronze statue" (required)."""
+    ip2p_model_id: str = IP2P_MODEL_ID
+    """InstructPix2Pix weights: a Hugging Face hub id or a local ``save_pretrained`` directory."""
+    guidance_scale: float = 7.5
+    """Text guidance scale of InstructPix2Pix (the multi-camera script of the paper uses 9.5)."""
+    image_guidance_scale: float = 1.5
+    """Image guidance scale of InstructPix2Pix: higher keeps closer to the original frames."""
+    full_edit_steps: int = 20
+    """Denoising steps of a full edit (key views, from pure noise)."""
+    refine_strength: float = 0.65
+    """Noise level of the partial edits (propagated windows, repainted holes), as a fraction of the schedule
+    (the official code's 600-700 of 1000 timesteps)."""
+    refine_steps: int = 8
+    """Steps of the full schedule for partial edits; ``int(refine_steps x refine_strength)`` run (8 x 0.65 -> 5)."""
+    anchor: AnchorAttentionMode = "anchor_self"
+    """Anchor attention: "anchor_self" ([anchor ; self] keys/values, the paper), "anchor" (anchor's only, the
+    multi-camera code) or "off"."""
+    window_size: int = 5
+    """Frames per sliding window."""
+    window_overlap: int = 1
+    """Frames shared by consecutive windows."""
+    flow_backend: FlowBackend = "dis"
+    """Optical flow: "dis" (OpenCV, no weights) or "raft" (needs ``raft_checkpoint``)."""
+    raft_checkpoint: Optional[Path] = None
+    """Original RAFT checkpoint (``raft-things.pth`` or ``raft-small.pth``) for ``flow_backend raft``."""
+    num_key_views: int = 5
+    """Cameras edited jointly per key-view round (multi-camera data)."""
+    key_view_rounds: int = 12
+    """Key-view rounds (multi-camera data; the paper's 12 warm-up rounds). Monocular data has one key view and
+    one round."""
+    key_round_final_strength: float = 0.8
+    """Edit strength of the last key-view round; strengths follow a cosine from 1.0 down to this."""
+    key_view_threshold: float = KEY_VIEW_THRESHOLD
+    """Re-projection distance (scene units) under which a pixel is valid when projecting among key views."""
+    other_view_threshold: float = OTHER_VIEW_THRESHOLD
+    """Re-projection distance (scene units) under which a pixel is valid when projecting into other cameras."""
+    blend_ratio: float = 0.5
+    """Weight of the projected edit against the current image where a projection is valid."""
+    depth_kind: DepthKind = "ray"
+    """What the model's "depth" output measures: "ray" (distance along the ray, NeRFs) or "z" (splatting)."""
+    max_edit_resolution: int = 512
+    """Long side, in pixels, that frames are edited at (at most); frames are resized to multiples of 8 and back."""
+    edit_start_step: int = 0
+    """Training steps on the reconstruction's own images before the first edit unit."""
+    steps_per_edit_unit: int = 10
+    """Training steps between two edit units (a key-view round or one window)."""
+    refresh_every: int = 2000
+    """Training steps between the end of a pass and the start of a refresh pass from renders; 0: no refreshes."""
+    edit_seed: int = 0
+    """Seed of every edit's noise and of the key-camera choice: edits are reproducible."""
+    video_fps: int = 15
+    """Frame rate of the original|edited comparison videos."""
+
+
+@dataclass
+class CameraFrames:
+    """One camera's training images in time order."""
+
+    name: str
+    """The camera's name (``camXX`` for multi-camera captures)."""
+    camera_id: int
+    """The camera's number in edit-store keys (``camXX`` -> XX)."""
+    indices: List[int]
+    """Dataset image indices, in time order."""
+    frame_ids: List[int]
+    """Frame numbers of those images (the video frame, or the rank in time)."""
+
+
+@dataclass
+class EditPosition:
+    """Where the edit schedule stands; saved with every checkpoint."""
+
+    phase: Phase = "key"
+    """Key-view rounds, a propagation pass, waiting for the next refresh, or a refresh pass."""
+    key_round: int = 0
+    """Key-view rounds done."""
+    camera: int = 0
+    """Camera (position in the camera list) whose windows the current pass is editing."""
+    window: int = 0
+    """Next window of that camera."""
+    passes: int = 0
+    """Propagation and refresh passes completed."""
+    units: int = 0
+    """Edit units done."""
+    first_step: Optional[int] = None
+    """Training step at which this edit run started (resumes keep it)."""
+    last_unit_step: Optional[int] = None
+    """Step of the last edit unit."""
+    pass_end_step: Optional[int] = None
+    """Step at which the last pass ended."""
+
+
+def group_frames(dataset: EditedFrameDataset) -> List[CameraFrames]:
+    """Training images grouped by camera (``camera_names`` metadata; one camera without it), each in time order."""
+    times = dataset.cameras.times
+    count = len(dataset)
+    order = sorted(range(count), key=lambda i: float(times[i]) if times is not None else i)
+    names: Sequence[str] = dataset.metadata.get("camera_names") or ["cam00"] * count
+    sources = dataset.metadata.get("frame_sources")
+    groups: Dict[str, CameraFrames] = {}
+    for i in order:
+        name = names[i]
+        if name not in groups:
+            number = CAMERA_NAME.fullmatch(name)
+            groups[name] = CameraFrames(name, int(number.group(1)) if number else len(groups), [], [])
+        group = groups[name]
+        group.frame_ids.append(int(sources[i][1]) if sources else len(group.indices))
+        group.indices.append(i)
+    return sorted(groups.values(), key=lambda g: g.camera_id)
+
+
+def key_round_strength(round_index: int, rounds: int, final: float) -> float:
+    """Cosine from 1.0 (first round) to ``final`` (last round)."""
+    if rounds <= 1:
+        return 1.0
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * round_index / (rounds - 1)))
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (edit seed, pass, camera, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class TrainingFrames:
+    """The :class:`~ns_4d_methods.editing.flow_propagation.FrameSource` over the training images: originals from
+    the dataset, edits from the store and, in refresh passes, current images rendered by the model."""
+
+    def __init__(self, pipeline: "Instruct4DPipeline", renders: bool) -> None:
+        self.pipeline = pipeline
+        self.dataset: EditedFrameDataset = pipeline.datamanager.train_dataset
+        self.renders = renders
+
+    def original(self, frame: int) -> torch.Tensor:
+        return self.dataset.original_image(frame)
+
+    def current(self, frame: int) -> torch.Tensor:
+        return self.pipeline.render(frame)["rgb"] if self.renders else self.dataset.current_image(frame)
+
+    def edited(self, frame: int) -> torch.Tensor:
+        return self.dataset.current_image(frame)
+
+
+class Instruct4DPipeline(DynamicPipeline):
+    """Iterative dataset update with key-view editing, depth projection and flow-guided propagation."""
+
+    config: Instruct4DPipelineConfig
+    datamanager: VanillaDataManager
+
+    def __init__(self, config: Instruct4DPipelineConfig, *args: Any, **kwargs: Any) -> None:
+        _check_config(config)  # before the datasets load: bad input fails fast
+        super().__init__(config, *args, **kwargs)
+        self.cameras = group_frames(self.datamanager.train_dataset)
+        self._keys: Dict[int, Tuple[int, int]] = {
+            index: (group.camera_id, frame)
+            for group in self.cameras
+            for index, frame in zip(group.indices, group.frame_ids)
+        }
+        self.position = EditPosition()
+        # The viewer collects ViewerElements among the pipeline's attributes; edits read them at every unit.
+        self.viewer_prompt = ViewerText("Edit instruction", config.prompt, hint="Used from the next edit on")
+        self.viewer_guidance_scale = ViewerNumber("Text guidance scale", config.guidance_scale)
+        self.viewer_image_guidance_scale = ViewerNumber("Image guidance scale", config.image_guidance_scale)
+        # Plain objects, so torch registers neither the InstructPix2Pix weights nor RAFT's: no checkpoint holds them.
+        self.editor: Optional[FrameEditor] = None
+        self.flow: Optional[FlowEstimator] = None
+        self.edit_store: Optional[EditStore] = None
+        self.run_dir: Optional[Path] = None
+        self._checkpointed_edits: Optional[Dict] = None
+        self._windows: Optional[Iterator[PropagatedWindow]] = None  # the running propagation (one camera's windows)
+
+    # ---- setup: run directory, editor, resume --------------------------------------------------------------------
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        # nerfstudio hands the trainer to the pipeline only here, after the checkpoint has been loaded
+        trainer = training_callback_attributes.trainer
+        assert trainer is not None
+        self.setup_editing(trainer.base_dir, trainer.config.load_dir or trainer.config.load_checkpoint)
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.write_comparison_videos))
+        return callbacks
+
+    def setup_editing(self, run_dir: Path, reconstruction: Optional[Path]) -> None:
+        """Loads the editor and the flow estimator and opens the run's edit store (restoring checkpointed edits)."""
+        if reconstruction is None:
+            raise InputError(
+                "instruct4d edits a reconstruction: pass --load-dir <run>/nerfstudio_models of a nerfacto-4d run "
+                "on this scene (or --load-checkpoint)"
+            )
+        ip2p = InstructPix2PixEditor(
+            self.config.ip2p_model_id, field_name="--pipeline.ip2p-model-id", device=self.device
+        )
+        self.editor = FrameEditor(ip2p, self.config.max_edit_resolution)
+        self.flow = build_flow_estimator(
+            self.config.flow_backend,
+            raft_checkpoint=self.config.raft_checkpoint,
+            field_name="--pipeline.raft-checkpoint",
+            device=self.device,
+        )
+        self.run_dir = Path(run_dir)
+        self.edit_store = EditStore(self.run_dir / "edits")
+        if self._checkpointed_edits is not None:
+            try:
+                self.edit_store.restore(self._checkpointed_edits)
+            except FileNotFoundError as error:
+                raise InputError(f"{error}; expected the edits of the run the checkpoint comes from") from None
+            CONSOLE.log(f"instruct4d: restored {len(self.edit_store)} edited images into {self.edit_store.root}")
+        self.datamanager.train_dataset.edit_store = self.edit_store
+        self._refresh_train_images()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict:
+        edits = self.edit_store.state() if self.edit_store is not None else self._checkpointed_edits
+        return {
+            "position": asdict(self.position),
+            "edits": edits,
+            "num_train_images": len(self.datamanager.train_dataset),
+        }
+
+    def set_extra_state(self, state: Dict) -> None:
+        expected = len(self.datamanager.train_dataset)
+        if state["num_train_images"] != expected:
+            raise InputError(
+                f"the checkpoint edits a scene with {state['num_train_images']} training images, but this dataset "
+                f"has {expected}; expected a checkpoint of the same scene"
+            )
+        self.position = EditPosition(**state["position"])
+        self._checkpointed_edits = state["edits"]
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        try:
+            super().load_pipeline(loaded_state, step)
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines()]
+            detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected"))),
+                          lines[0])
+            raise InputError(
+                f"the checkpoint (--load-dir/--load-checkpoint) does not fit this model: {detail} Expected a "
+                "nerfacto-4d reconstruction of this scene with the same model settings"
+            ) from None
+
+    # ---- the schedule ----------------------------------------------------------------------------------------------
+    def get_train_loss_dict(self, step: int):
+        if self.edit_store is not None and self._edit_due(step):
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                self.run_edit_unit(step)
+        return super().get_train_loss_dict(step)
+
+    def _edit_due(self, step: int) -> bool:
+        position, config = self.position, self.config
+        if position.first_step is None:
+            position.first_step = step
+        if step - position.first_step < config.edit_start_step:
+            return False
+        if position.last_unit_step is not None and step - position.last_unit_step < config.steps_per_edit_unit:
+            return False
+        if position.phase == "wait":
+            if config.refresh_every <= 0 or step - (position.pass_end_step or 0) < config.refresh_every:
+                return False
+            position.phase, position.camera, position.window = "refresh", 0, 0
+            self._windows = None
+        return True
+
+    @property
+    def num_key_rounds(self) -> int:
+        return self.config.key_view_rounds if len(self.cameras) > 1 else 1
+
+    def run_edit_unit(self, step: int) -> None:
+        """One edit unit: the next key-view round or the next window, then the training images are refreshed."""
+        position = self.position
+        self.model.eval()  # renders (depth, refresh passes) without training-time behaviour
+        try:
+            if position.phase == "key":
+                self._key_view_round(position.key_round)
+                position.key_round += 1
+                if position.key_round >= self.num_key_rounds:
+                    position.phase, position.camera, position.window = "propagate", 0, 0
+                    self._skip_cameras_without_windows(step)
+            else:
+                self._next_window(step)
+        finally:
+            self.model.train()
+        position.units += 1
+        position.last_unit_step = step
+        self._refresh_train_images()
+
+    def _windows_of(self, camera: int) -> List[range]:
+        return window_ranges(len(self.cameras[camera].indices), self.config.window_size, self.config.window_overlap)
+
+    def _skip_cameras_without_windows(self, step: int) -> None:
+        """Moves past cameras with nothing (left) to propagate; ends the pass after the last camera."""
+        position = self.position
+        while position.camera < len(self.cameras) and position.window >= len(self._windows_of(position.camera)):
+            position.camera, position.window = position.camera + 1, 0
+            self._windows = None
+        if position.camera >= len(self.cameras):
+            position.phase, position.camera, position.pass_end_step = "wait", 0, step
+            position.passes += 1
+
+    def _next_window(self, step: int) -> None:
+        position = self.position
+        self._skip_cameras_without_windows(step)
+        if position.phase == "wait":
+            return
+        group = self.cameras[position.camera]
+        if self._windows is None:
+            self._windows = propagate(
+                group.indices,
+                TrainingFrames(self, renders=position.phase == "refresh"),
+                self._repaint_window,
+                self.flow,
+                window_size=self.config.window_size,
+                overlap=self.config.window_overlap,
+                start_window=position.window,
+                seed=seed_for(self.config.edit_seed, position.passes, group.camera_id),
+            )
+        window: PropagatedWindow = next(self._windows)
+        for index, image in zip(window.frames, window.images):
+            self._put(index, image)
+        total = len(self._windows_of(position.camera))
+        CONSOLE.log(
+            f"instruct4d {position.phase} pass {position.passes + 1}: {group.name} window {window.index + 1}/{total} "
+            f"{_bar((window.index + 1) / total)} (flow valid on {float(window.valid_fraction.mean()):.0%} of pixels)"
+        )
+        position.window += 1
+        self._skip_cameras_without_windows(step)
+
+    # ---- editing -----------------------------------------------------------------------------------------------------
+    def _edit(
+        self, conditions: torch.Tensor, inits: torch.Tensor, *, strength: float, steps: int, seed: int
+    ) -> torch.Tensor:
+        """InstructPix2Pix on frames [F, H, W, 3] (frame 0 the anchor) with the instruction and guidance scales as they
+        are now (the viewer can change them between units)."""
+        return self.editor(
+            conditions,
+            inits,
+            prompt=self.viewer_prompt.value,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=float(self.viewer_guidance_scale.value),
+            image_guidance_scale=float(self.viewer_image_guidance_scale.value),
+            anchor=self.config.anchor,
+            seed=seed,
+        )
+
+    def _repaint_window(self, conditions: torch.Tensor, inits: torch.Tensor, *, seed: int) -> torch.Tensor:
+        config = self.config
+        return self._edit(conditions, inits, strength=config.refine_strength, steps=config.refine_steps, seed=seed)
+
+    def _key_view_round(self, round_index: int) -> None:
+        config, frames = self.config, TrainingFrames(self, renders=False)
+        firsts = [group.indices[0] for group in self.cameras]
+        rng = np.random.default_rng([config.edit_seed, round_index])
+        chosen = rng.choice(len(firsts), size=min(config.num_key_views, len(firsts)), replace=False).tolist()
+        keys = [firsts[c] for c in chosen]
+        others = [index for c, index in enumerate(firsts) if c not in chosen]
+        strength = key_round_strength(round_index, self.num_key_rounds, config.key_round_final_strength)
+        names = ", ".join(self.cameras[c].name for c in chosen)
+        CONSOLE.log(
+            f"instruct4d key-view round {round_index + 1}/{self.num_key_rounds}: {names} (strength {strength:.2f})"
+        )
+
+        key_originals = torch.stack([frames.original(i) for i in keys])
+        key_inits = key_originals if round_index == 0 else torch.stack([frames.current(i) for i in keys])
+        seed = seed_for(config.edit_seed, 1 << 20, round_index)
+        key_edits = self._edit(key_originals, key_inits, strength=strength, steps=config.full_edit_steps, seed=seed)
+        if len(keys) > 1 or others:
+            key_depths = torch.stack([self.render(i)["depth"][..., 0] for i in keys])
+        if len(keys) > 1:
+            key_edits = self._agree_key_views(keys, key_edits, key_depths)
+        for index, image in zip(keys, key_edits):
+            self._put(index, image)
+
+        chunk_size = max(1, config.window_size - 1)  # targets per repaint batch, next to the anchor: one window
+        chunks = [others[i : i + chunk_size] for i in range(0, len(others), chunk_size)]
+        progress = track(chunks, description="instruct4d: projecting key views", console=CONSOLE, transient=True)
+        for chunk_number, chunk in enumerate(progress):
+            depths = torch.stack([self.render(i)["depth"][..., 0] for i in chunk])
+            projected, valid = project_key_views(
+                depths, *self._camera_matrices(chunk), key_edits, key_depths, *self._camera_matrices(keys),
+                threshold=config.other_view_threshold, depth_kind=config.depth_kind,
+            )
+            current = torch.stack([frames.current(i) for i in chunk])
+            blended = blend_with_current(current, projected, valid, config.blend_ratio)
+            conditions = torch.stack([key_originals[0]] + [frames.original(i) for i in chunk])
+            repainted = self._edit(
+                conditions, torch.cat([key_edits[:1], blended]), strength=config.refine_strength,
+                steps=config.refine_steps, seed=seed + 1 + chunk_number,
+            )[1:]
+            # projected pixels stay; only what no key view covers is repainted
+            for index, image in zip(chunk, torch.where(hole_mask(valid)[..., None], repainted, blended)):
+                self._put(index, image)
+
+    def _agree_key_views(self, keys: List[int], edits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+        """Each key view blended with the other key views projected into it (the looser key-view threshold)."""
+        intrinsics, poses = self._camera_matrices(keys)
+        agreed = []
+        for k in range(len(keys)):
+            rest = [j for j in range(len(keys)) if j != k]
+            projected, valid = project_key_views(
+                depths[k : k + 1], intrinsics[k : k + 1], poses[k : k + 1], edits[rest], depths[rest], intrinsics[rest],
+                poses[rest], threshold=self.config.key_view_threshold, depth_kind=self.config.depth_kind,
+            )
+            agreed.append(blend_with_current(edits[k], projected[0], valid[0], self.config.blend_ratio))
+        return torch.stack(agreed)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------------
+    def render(self, index: int) -> Dict[str, torch.Tensor]:
+        """The model's outputs for training image ``index`` (its camera and time), on the CPU."""
+        camera = self.datamanager.train_dataset.cameras[index : index + 1].to(self.device)
+        return {key: value.cpu() for key, value in self.model.get_outputs_for_camera(camera).items()}
+
+    def _camera_matrices(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pinhole intrinsics [N, 3, 3] and OpenGL camera-to-world [N, 4, 4] of training images."""
+        cameras, rows = self.datamanager.train_dataset.cameras, torch.tensor(list(indices))
+        intrinsics = torch.zeros(len(rows), 3, 3)
+        intrinsics[:, 0, 0], intrinsics[:, 1, 1] = cameras.fx[rows, 0], cameras.fy[rows, 0]
+        intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = cameras.cx[rows, 0], cameras.cy[rows, 0], 1.0
+        poses = torch.eye(4).repeat(len(rows), 1, 1)
+        poses[:, :3, :] = cameras.camera_to_worlds[rows]
+        return intrinsics, poses
+
+    def _put(self, index: int, image: torch.Tensor) -> None:
+        assert self.edit_store is not None
+        self.edit_store.put(index, self._keys[index], image.detach().cpu().numpy())
+
+    def _refresh_train_images(self) -> None:
+        """Makes nerfstudio's train dataloader drop its cached images, so training sees the edits."""
+        loader = self.datamanager.train_image_dataloader
+        if loader.cache_all_images:
+            loader.cached_collated_batch = loader._get_collated_batch()
+        else:
+            loader.first_time = True
+
+    # ---- outputs -----------------------------------------------------------------------------------------------------
+    def write_comparison_videos(self, step: Optional[int] = None) -> List[Path]:
+        """Writes ``<run>/edit_videos/<camera>.mp4``: original | edited, frames in time order. Returns the paths."""
+        if self.run_dir is None or self.edit_store is None or len(self.edit_store) == 0:
+            return []
+        dataset: EditedFrameDataset = self.datamanager.train_dataset
+        folder = self.run_dir / "edit_videos"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for group in track(self.cameras, description="instruct4d: writing comparison videos", console=CONSOLE,
+                           transient=True):
+            path = folder / f"{group.name}.mp4"
+            height, width = dataset.original_image(group.indices[0]).shape[:2]
+            writer = imageio_ffmpeg.write_frames(
+                str(path), (2 * width, height), fps=self.config.video_fps, macro_block_size=2, ffmpeg_log_level="error"
+            )
+            writer.send(None)
+            for index in group.indices:  # one frame in memory at a time
+                pair = torch.cat([dataset.original_image(index), dataset.current_image(index)], dim=1)
+                writer.send(np.ascontiguousarray((pair.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()))
+            writer.close()
+            paths.append(path)
+        CONSOLE.log(f"instruct4d: original|edited videos in {folder}")
+        return paths
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar for log lines (a live bar would fight nerfstudio's step table for the terminal)."""
+    filled = round(fraction * width)
+    return "\u2588" * filled + "\u00b7" * (width - filled)
+
+
+def _check_config(config: Instruct4DPipelineConfig) -> None:
+    if not config.prompt.strip():
+        raise InputError(
+            '--pipeline.prompt is empty; expected an edit instruction, e.g. --pipeline.prompt "Make it snowy"'
+        )
+    if config.window_size < 2 or not 0 <= config.window_overlap < config.window_size:
+        raise InputError(
+            f"--pipeline.window-size {config.window_size} / --pipeline.window-overlap {config.window_overlap}: "
+            "expected a window of at least 2 frames and 0 <= overlap < window size"
+        )
+    if not 0.0 < config.refine_strength <= 1.0 or int(config.refine_steps * config.refine_strength) < 1:
+        raise InputError(
+            f"--pipeline.refine-strength {config.refine_strength} with --pipeline.refine-steps {config.refine_steps} "
+            "runs no denoising step; expected a strength in (0, 1] and int(steps x strength) >= 1"
+        )
+    for flag, value in (
+        ("steps-per-edit-unit", config.steps_per_edit_unit),
+        ("num-key-views", config.num_key_views),
+        ("key-view-rounds", config.key_view_rounds),
+        ("full-edit-steps", config.full_edit_steps),
+    ):
+        if value < 1:
+            raise InputError(f"--pipeline.{flag} {value}: expected at least 1")

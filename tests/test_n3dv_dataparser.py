@@ -3,7 +3,6 @@ downscaling, nerfstudio's datamanager on top, and a one-line error for each kind
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from nerfstudio.data.datasets.base_dataset import InputDataset
 
 from ns_4d_methods.data.n3dv_dataparser import N3DVDataParserConfig, N3DVFrameDataset
 from ns_4d_methods.errors import InputError
+from tree_digest import tree_digest
 
 W, H, FOCAL = 32, 24, 30.0
 
@@ -68,15 +68,6 @@ def make_capture(root: Path, layout: str, cams: int = 3, frames: int = 5, fps=No
 
 def outputs(scene: Path, split: str = "train", **kwargs):
     return N3DVDataParserConfig(data=scene, **kwargs).setup().get_dataparser_outputs(split)
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def expected_rgb(cam: int, frame: int, downscale: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from PIL import Image
 
 from ns_4d_methods.data.ns4d_dataparser import Ns4dDataParserConfig
 from ns_4d_methods.errors import InputError
+from tree_digest import tree_digest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 NRNERF = SHARED / "data" / "nrnerf_example_sequence"
@@ -40,15 +40,6 @@ def make_scene(root: Path, n: int = 4, times=None, sizes=None, **top) -> Path:
 
 def parse(data: Path, split: str = "train", **kwargs):
     return Ns4dDataParserConfig(data=data, eval_mode="all", **kwargs).setup().get_dataparser_outputs(split)
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def test_times_in_seconds_are_normalised_and_range_recorded(tmp_path):

@@ -11,35 +11,12 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
-from tiny_models import tiny_clip_tokenizer
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from tiny_models import build_tiny_clip
 
 from ns_4d_methods.cli.edit import entrypoint
 from ns_4d_methods.editing.edit_metrics import ClipEmbedder, clip_scores, edit_metrics
 
 CLIP_KEYS = ("clip_text_image", "clip_directional", "clip_frame_consistency")
-
-
-def build_tiny_clip(path) -> None:
-    """A tiny random CLIPModel and its CLIPProcessor (the tiny character tokenizer), saved with save_pretrained."""
-    tokenizer = tiny_clip_tokenizer()
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # pooled at the EOS
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, pad_token_id=tokenizer.eos_token_id, **special,
-        ),
-        vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")

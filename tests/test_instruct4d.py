@@ -479,7 +479,7 @@ def test_multi_camera_key_views_projection_and_windows(multi_camera, capture):
     assert "key-view round 1/1" in log and log.count("propagate pass 1") == 3
     state = extra_state(run_dir)
     assert state["position"]["phase"] == "wait" and state["position"]["passes"] == 1
-    assert sorted(p.name for p in (run_dir / "edit_videos").iterdir()) == ["cam01.mp4", "cam02.mp4", "cam03.mp4"]
+    assert sorted(p.name for p in (run_dir / "edit_videos").glob("*.mp4")) == ["cam01.mp4", "cam02.mp4", "cam03.mp4"]
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------

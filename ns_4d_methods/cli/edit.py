@@ -7,6 +7,7 @@ self-attention injection editor (:mod:`ns_4d_methods.guidance.attention_injectio
   window and blended back with feathered (tent) weights, so window borders leave no seams.
 - ``ns-4d-edit images DIR --prompt "..."``: every image of a folder (views of a scene) against one reference view.
 - ``ns-4d-edit metrics ORIGINAL EDITED --prompt "..."``: the metrics of an existing edit.
+- ``ns-4d-edit run RUN_DIR``: the metrics of an editing run (``instruct4d``, ``unified-edit``), per camera.
 
 Each edit writes its result (never over the input) and a ``<output stem>.metrics.json`` report beside it.
 """
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from typing_extensions import Annotated
 
+from ns_4d_methods.editing.comparison_videos import read_index, run_metrics
 from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, edit_metrics, format_report, load_clip_or_skip
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.attention_injection import SD21_BASE, AttentionInjectionConfig, AttentionInjectionEditor
@@ -374,11 +376,44 @@ class EditMetrics:
             print(f"Wrote the metric report to {self.output}")
 
 
+@dataclass(kw_only=True)
+class EditRunMetrics:
+    """Metrics of an editing run (instruct4d, unified-edit): its original|edited videos scored per camera."""
+
+    run: tyro.conf.Positional[Path]
+    """The run directory (holding config.yml and edit_videos/), or its config.yml."""
+    prompt: Optional[str] = None
+    """CLIP's target text (default: the run's edit prompt)."""
+    source_prompt: Optional[str] = None
+    """CLIP's source text for the directional similarity (default: the run's source prompt)."""
+    clip_model: str = CLIP_MODEL
+    """CLIP model (hub id or local directory); the CLIP scores are skipped with a message when it is unavailable."""
+    output: Optional[Path] = None
+    """Also write the report as JSON here."""
+    device: str = DEFAULT_DEVICE
+    """Device to run CLIP on."""
+
+    def main(self) -> None:
+        run = self.run.parent if self.run.name == "config.yml" else self.run
+        read_index(run)  # a wrong path fails before CLIP loads
+        clip = load_clip_or_skip(self.clip_model, self.device, "--clip-model")
+        report = run_metrics(run, clip, self.prompt, self.source_prompt)
+        print(f"prompt: {report['prompt']}")
+        sections = {**report["cameras"], **({"all cameras": report["all"]} if len(report["cameras"]) > 1 else {})}
+        for name, section in sections.items():
+            print(f"[{name}]\n{format_report(section)}")
+        if self.output:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.output.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"Wrote the metric report to {self.output}")
+
+
 Command = Union[
     Annotated[EditVideo, tyro.conf.subcommand("video")],
     Annotated[EditPanorama, tyro.conf.subcommand("panorama")],
     Annotated[EditImages, tyro.conf.subcommand("images")],
     Annotated[EditMetrics, tyro.conf.subcommand("metrics")],
+    Annotated[EditRunMetrics, tyro.conf.subcommand("run")],
 ]
 
 

@@ -20,29 +20,27 @@ loss. The units, in order:
 Edits are PNGs in an :class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never
 written); the training images are read through :class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, and
 the train dataloader's image cache is refreshed after every unit. The schedule position and the store's index are
-saved in the checkpoint (``get_extra_state``); resuming copies the earlier run's edits into the new run. The
-InstructPix2Pix weights are never part of a checkpoint. At the end of training an original|edited video per camera
-is written to ``<run>/edit_videos/``.
+saved in the checkpoint; resuming copies the earlier run's edits into the new run. The InstructPix2Pix weights are
+never part of a checkpoint. At the end of training an original|edited video per camera is written to
+``<run>/edit_videos/`` and scored (``<run>/edit_metrics.json``); see
+:mod:`ns_4d_methods.pipelines.editing_pipeline`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Type
+from typing import Any, Iterator, List, Literal, Optional, Sequence, Type
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
-from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.trainer import Trainer
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 from rich.progress import track
 
-from ns_4d_methods.data.edit_store import EditStore
 from ns_4d_methods.data.edited_dataset import EditedFrameDataset
 from ns_4d_methods.editing.depth_projection import (
     KEY_VIEW_THRESHOLD,
@@ -57,14 +55,18 @@ from ns_4d_methods.editing.optical_flow import FlowBackend, FlowEstimator, build
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.frame_editor import FrameEditor
 from ns_4d_methods.guidance.ip2p_editor import IP2P_MODEL_ID, AnchorAttentionMode, InstructPix2PixEditor
-from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
+from ns_4d_methods.pipelines.editing_pipeline import (
+    EditingPipeline,
+    EditingPipelineConfig,
+    progress_bar,
+    seed_for,
+)
 
-CAMERA_NAME = re.compile(r"cam(\d+)")
 Phase = Literal["key", "propagate", "wait", "refresh"]
 
 
 @dataclass
-class Instruct4DPipelineConfig(DynamicPipelineConfig):
+class Instruct4DPipelineConfig(EditingPipelineConfig):
     """Instruct 4D-to-4D: edits a reconstructed 4D scene's training frames by an instruction while training on them."""
 
     _target: Type = field(default_factory=lambda: Instruct4DPipeline)
@@ -127,22 +129,6 @@ class Instruct4DPipelineConfig(DynamicPipelineConfig):
     """Training steps between the end of a pass and the start of a refresh pass from renders; 0: no refreshes."""
     edit_seed: int = 0
     """Seed of every edit's noise and of the key-camera choice: edits are reproducible."""
-    video_fps: int = 15
-    """Frame rate of the original|edited comparison videos."""
-
-
-@dataclass
-class CameraFrames:
-    """One camera's training images in time order."""
-
-    name: str
-    """The camera's name (``camXX`` for multi-camera captures)."""
-    camera_id: int
-    """The camera's number in edit-store keys (``camXX`` -> XX)."""
-    indices: List[int]
-    """Dataset image indices, in time order."""
-    frame_ids: List[int]
-    """Frame numbers of those images (the video frame, or the rank in time)."""
 
 
 @dataclass
@@ -169,35 +155,11 @@ class EditPosition:
     """Step at which the last pass ended."""
 
 
-def group_frames(dataset: EditedFrameDataset) -> List[CameraFrames]:
-    """Training images grouped by camera (``camera_names`` metadata; one camera without it), each in time order."""
-    times = dataset.cameras.times
-    count = len(dataset)
-    order = sorted(range(count), key=lambda i: float(times[i]) if times is not None else i)
-    names: Sequence[str] = dataset.metadata.get("camera_names") or ["cam00"] * count
-    sources = dataset.metadata.get("frame_sources")
-    groups: Dict[str, CameraFrames] = {}
-    for i in order:
-        name = names[i]
-        if name not in groups:
-            number = CAMERA_NAME.fullmatch(name)
-            groups[name] = CameraFrames(name, int(number.group(1)) if number else len(groups), [], [])
-        group = groups[name]
-        group.frame_ids.append(int(sources[i][1]) if sources else len(group.indices))
-        group.indices.append(i)
-    return sorted(groups.values(), key=lambda g: g.camera_id)
-
-
 def key_round_strength(round_index: int, rounds: int, final: float) -> float:
     """Cosine from 1.0 (first round) to ``final`` (last round)."""
     if rounds <= 1:
         return 1.0
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * round_index / (rounds - 1)))
-
-
-def seed_for(*parts: int) -> int:
-    """A 31-bit seed that depends on every part (edit seed, pass, camera, ...)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class TrainingFrames:
@@ -219,21 +181,16 @@ class TrainingFrames:
         return self.dataset.current_image(frame)
 
 
-class Instruct4DPipeline(DynamicPipeline):
+class Instruct4DPipeline(EditingPipeline):
     """Iterative dataset update with key-view editing, depth projection and flow-guided propagation."""
 
     config: Instruct4DPipelineConfig
     datamanager: VanillaDataManager
+    method = "instruct4d"
 
     def __init__(self, config: Instruct4DPipelineConfig, *args: Any, **kwargs: Any) -> None:
         _check_config(config)  # before the datasets load: bad input fails fast
         super().__init__(config, *args, **kwargs)
-        self.cameras = group_frames(self.datamanager.train_dataset)
-        self._keys: Dict[int, Tuple[int, int]] = {
-            index: (group.camera_id, frame)
-            for group in self.cameras
-            for index, frame in zip(group.indices, group.frame_ids)
-        }
         self.position = EditPosition()
         # The viewer collects ViewerElements among the pipeline's attributes; edits read them at every unit.
         self.viewer_prompt = ViewerText("Edit instruction", config.prompt, hint="Used from the next edit on")
@@ -242,26 +199,12 @@ class Instruct4DPipeline(DynamicPipeline):
         # Plain objects, so torch registers neither the InstructPix2Pix weights nor RAFT's: no checkpoint holds them.
         self.editor: Optional[FrameEditor] = None
         self.flow: Optional[FlowEstimator] = None
-        self.edit_store: Optional[EditStore] = None
-        self.run_dir: Optional[Path] = None
-        self._checkpointed_edits: Optional[Dict] = None
         self._windows: Optional[Iterator[PropagatedWindow]] = None  # the running propagation (one camera's windows)
 
-    # ---- setup: run directory, editor, resume --------------------------------------------------------------------
-    def get_training_callbacks(
-        self, training_callback_attributes: TrainingCallbackAttributes
-    ) -> List[TrainingCallback]:
-        # nerfstudio hands the trainer to the pipeline only here, after the checkpoint has been loaded
-        trainer = training_callback_attributes.trainer
-        assert trainer is not None
-        self.setup_editing(trainer.base_dir, trainer.config.load_dir or trainer.config.load_checkpoint)
-        callbacks = super().get_training_callbacks(training_callback_attributes)
-        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.write_comparison_videos))
-        return callbacks
-
-    def setup_editing(self, run_dir: Path, reconstruction: Optional[Path]) -> None:
-        """Loads the editor and the flow estimator and opens the run's edit store (restoring checkpointed edits)."""
-        if reconstruction is None:
+    # ---- setup ------------------------------------------------------------------------------------------------------
+    def setup_editing(self, trainer: Trainer) -> None:
+        """Loads the editor and the flow estimator."""
+        if trainer.config.load_dir is None and trainer.config.load_checkpoint is None:
             raise InputError(
                 "instruct4d edits a reconstruction: pass --load-dir <run>/nerfstudio_models of a nerfacto-4d run "
                 "on this scene (or --load-checkpoint)"
@@ -276,47 +219,6 @@ class Instruct4DPipeline(DynamicPipeline):
             field_name="--pipeline.raft-checkpoint",
             device=self.device,
         )
-        self.run_dir = Path(run_dir)
-        self.edit_store = EditStore(self.run_dir / "edits")
-        if self._checkpointed_edits is not None:
-            try:
-                self.edit_store.restore(self._checkpointed_edits)
-            except FileNotFoundError as error:
-                raise InputError(f"{error}; expected the edits of the run the checkpoint comes from") from None
-            CONSOLE.log(f"instruct4d: restored {len(self.edit_store)} edited images into {self.edit_store.root}")
-        self.datamanager.train_dataset.edit_store = self.edit_store
-        self._refresh_train_images()
-
-    # ---- checkpoints -----------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> Dict:
-        edits = self.edit_store.state() if self.edit_store is not None else self._checkpointed_edits
-        return {
-            "position": asdict(self.position),
-            "edits": edits,
-            "num_train_images": len(self.datamanager.train_dataset),
-        }
-
-    def set_extra_state(self, state: Dict) -> None:
-        expected = len(self.datamanager.train_dataset)
-        if state["num_train_images"] != expected:
-            raise InputError(
-                f"the checkpoint edits a scene with {state['num_train_images']} training images, but this dataset "
-                f"has {expected}; expected a checkpoint of the same scene"
-            )
-        self.position = EditPosition(**state["position"])
-        self._checkpointed_edits = state["edits"]
-
-    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
-        try:
-            super().load_pipeline(loaded_state, step)
-        except RuntimeError as error:
-            lines = [line.strip() for line in str(error).splitlines()]
-            detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected"))),
-                          lines[0])
-            raise InputError(
-                f"the checkpoint (--load-dir/--load-checkpoint) does not fit this model: {detail} Expected a "
-                "nerfacto-4d reconstruction of this scene with the same model settings"
-            ) from None
 
     # ---- the schedule ----------------------------------------------------------------------------------------------
     def get_train_loss_dict(self, step: int):
@@ -361,7 +263,7 @@ class Instruct4DPipeline(DynamicPipeline):
             self.model.train()
         position.units += 1
         position.last_unit_step = step
-        self._refresh_train_images()
+        self.refresh_train_images()
 
     def _windows_of(self, camera: int) -> List[range]:
         return window_ranges(len(self.cameras[camera].indices), self.config.window_size, self.config.window_overlap)
@@ -395,11 +297,11 @@ class Instruct4DPipeline(DynamicPipeline):
             )
         window: PropagatedWindow = next(self._windows)
         for index, image in zip(window.frames, window.images):
-            self._put(index, image)
+            self.put(index, image)
         total = len(self._windows_of(position.camera))
         CONSOLE.log(
             f"instruct4d {position.phase} pass {position.passes + 1}: {group.name} window {window.index + 1}/{total} "
-            f"{_bar((window.index + 1) / total)} (flow valid on {float(window.valid_fraction.mean()):.0%} of pixels)"
+            f"{progress_bar((window.index + 1) / total)} (flow valid on {float(window.valid_fraction.mean()):.0%} of pixels)"
         )
         position.window += 1
         self._skip_cameras_without_windows(step)
@@ -448,7 +350,7 @@ class Instruct4DPipeline(DynamicPipeline):
         if len(keys) > 1:
             key_edits = self._agree_key_views(keys, key_edits, key_depths)
         for index, image in zip(keys, key_edits):
-            self._put(index, image)
+            self.put(index, image)
 
         chunk_size = max(1, config.window_size - 1)  # targets per repaint batch, next to the anchor: one window
         chunks = [others[i : i + chunk_size] for i in range(0, len(others), chunk_size)]
@@ -468,7 +370,7 @@ class Instruct4DPipeline(DynamicPipeline):
             )[1:]
             # projected pixels stay; only what no key view covers is repainted
             for index, image in zip(chunk, torch.where(hole_mask(valid)[..., None], repainted, blended)):
-                self._put(index, image)
+                self.put(index, image)
 
     def _agree_key_views(self, keys: List[int], edits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
         """Each key view blended with the other key views projected into it (the looser key-view threshold)."""
@@ -484,11 +386,6 @@ class Instruct4DPipeline(DynamicPipeline):
         return torch.stack(agreed)
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
-    def render(self, index: int) -> Dict[str, torch.Tensor]:
-        """The model's outputs for training image ``index`` (its camera and time), on the CPU."""
-        camera = self.datamanager.train_dataset.cameras[index : index + 1].to(self.device)
-        return {key: value.cpu() for key, value in self.model.get_outputs_for_camera(camera).items()}
-
     def _camera_matrices(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pinhole intrinsics [N, 3, 3] and OpenGL camera-to-world [N, 4, 4] of training images."""
         cameras, rows = self.datamanager.train_dataset.cameras, torch.tensor(list(indices))
@@ -499,48 +396,8 @@ class Instruct4DPipeline(DynamicPipeline):
         poses[:, :3, :] = cameras.camera_to_worlds[rows]
         return intrinsics, poses
 
-    def _put(self, index: int, image: torch.Tensor) -> None:
-        assert self.edit_store is not None
-        self.edit_store.put(index, self._keys[index], image.detach().cpu().numpy())
-
-    def _refresh_train_images(self) -> None:
-        """Makes nerfstudio's train dataloader drop its cached images, so training sees the edits."""
-        loader = self.datamanager.train_image_dataloader
-        if loader.cache_all_images:
-            loader.cached_collated_batch = loader._get_collated_batch()
-        else:
-            loader.first_time = True
-
-    # ---- outputs -----------------------------------------------------------------------------------------------------
-    def write_comparison_videos(self, step: Optional[int] = None) -> List[Path]:
-        """Writes ``<run>/edit_videos/<camera>.mp4``: original | edited, frames in time order. Returns the paths."""
-        if self.run_dir is None or self.edit_store is None or len(self.edit_store) == 0:
-            return []
-        dataset: EditedFrameDataset = self.datamanager.train_dataset
-        folder = self.run_dir / "edit_videos"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for group in track(self.cameras, description="instruct4d: writing comparison videos", console=CONSOLE,
-                           transient=True):
-            path = folder / f"{group.name}.mp4"
-            height, width = dataset.original_image(group.indices[0]).shape[:2]
-            writer = imageio_ffmpeg.write_frames(
-                str(path), (2 * width, height), fps=self.config.video_fps, macro_block_size=2, ffmpeg_log_level="error"
-            )
-            writer.send(None)
-            for index in group.indices:  # one frame in memory at a time
-                pair = torch.cat([dataset.original_image(index), dataset.current_image(index)], dim=1)
-                writer.send(np.ascontiguousarray((pair.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()))
-            writer.close()
-            paths.append(path)
-        CONSOLE.log(f"instruct4d: original|edited videos in {folder}")
-        return paths
-
-
-def _bar(fraction: float, width: int = 20) -> str:
-    """A text progress bar for log lines (a live bar would fight nerfstudio's step table for the terminal)."""
-    filled = round(fraction * width)
-    return "\u2588" * filled + "\u00b7" * (width - filled)
+    def comparison_prompts(self) -> tuple[str, str]:
+        return str(self.viewer_prompt.value), ""
 
 
 def _check_config(config: Instruct4DPipelineConfig) -> None:

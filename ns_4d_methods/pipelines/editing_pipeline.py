@@ -1,0 +1,256 @@
+"""What the editing methods (instruct4d, unified-edit) share: training on images that they edit as they go.
+
+An :class:`EditingPipeline` reads its training images through
+:class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, whose edits live in an
+:class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never written). It
+
+- opens the store once the trainer exists (nerfstudio hands the trainer over only in ``get_training_callbacks``,
+  after the checkpoint was loaded) and restores the edits a checkpoint refers to;
+- keeps its schedule position and the store's index in every checkpoint (``get_extra_state``);
+- refreshes the train dataloader's image cache after edits, for ray-sampling and full-image datamanagers alike;
+- renders training views (camera and time) for edits that start from the model's current images;
+- at the end of training writes the original | edited videos and their metric report
+  (:mod:`ns_4d_methods.editing.comparison_videos`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.trainer import Trainer
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from ns_4d_methods.data.edit_store import EditStore
+from ns_4d_methods.data.edited_dataset import EditedFrameDataset
+from ns_4d_methods.editing.comparison_videos import ComparisonGroup, run_metrics, write_comparison_videos
+from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, format_report, load_clip_or_skip
+from ns_4d_methods.errors import InputError
+from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
+
+CAMERA_NAME = re.compile(r"cam(\d+)")
+RAW_INTRINSICS = ("fx", "fy", "cx", "cy", "width", "height")
+
+
+@dataclass
+class EditingPipelineConfig(DynamicPipelineConfig):
+    """Settings every editing method has."""
+
+    clip_model: str = CLIP_MODEL
+    """CLIP model for the metric report written at the end of training (hub id or local directory); the CLIP scores
+    are skipped with one message when its weights are not available."""
+    video_fps: int = 15
+    """Frame rate of the original|edited comparison videos."""
+
+
+@dataclass
+class CameraFrames:
+    """One camera's training images in time order."""
+
+    name: str
+    """The camera's name (``camXX`` for multi-camera captures)."""
+    camera_id: int
+    """The camera's number in edit-store keys (``camXX`` -> XX)."""
+    indices: List[int]
+    """Dataset image indices, in time order."""
+    frame_ids: List[int]
+    """Frame numbers of those images (the video frame, or the rank in time)."""
+
+
+def group_frames(dataset: EditedFrameDataset) -> List[CameraFrames]:
+    """Training images grouped by camera (``camera_names`` metadata; one camera without it), each in time order
+    (in index order for data without times)."""
+    times = dataset.cameras.times
+    count = len(dataset)
+    order = sorted(range(count), key=lambda i: float(times[i]) if times is not None else i)
+    names: Sequence[str] = dataset.metadata.get("camera_names") or ["cam00"] * count
+    sources = dataset.metadata.get("frame_sources")
+    groups: Dict[str, CameraFrames] = {}
+    for i in order:
+        name = names[i]
+        if name not in groups:
+            number = CAMERA_NAME.fullmatch(name)
+            groups[name] = CameraFrames(name, int(number.group(1)) if number else len(groups), [], [])
+        group = groups[name]
+        group.frame_ids.append(int(sources[i][1]) if sources else len(group.indices))
+        group.indices.append(i)
+    return sorted(groups.values(), key=lambda g: g.camera_id)
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (edit seed, pass, camera, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    """A text progress bar for log lines (a live bar would fight nerfstudio's step table for the terminal)."""
+    filled = round(fraction * width)
+    return "\u2588" * filled + "\u00b7" * (width - filled)
+
+
+class EditingPipeline(DynamicPipeline):
+    """Base of the editing pipelines; subclasses set ``method`` and ``position`` and implement :meth:`setup_editing`.
+
+    ``position`` is a dataclass instance holding where the subclass's edit schedule stands; it is saved with every
+    checkpoint and restored from it.
+    """
+
+    config: EditingPipelineConfig
+    method = "edit"
+    """Name used in log lines and messages."""
+
+    def __init__(self, config: EditingPipelineConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        dataset = self.train_dataset
+        if not isinstance(dataset, EditedFrameDataset):
+            raise TypeError(f"{self.method} needs a datamanager over EditedFrameDataset, got {type(dataset).__name__}")
+        self.cameras = group_frames(dataset)
+        self._keys: Dict[int, Tuple[int, int]] = {
+            index: (group.camera_id, frame)
+            for group in self.cameras
+            for index, frame in zip(group.indices, group.frame_ids)
+        }
+        self.position: Any = None
+        self.edit_store: Optional[EditStore] = None
+        self.run_dir: Optional[Path] = None
+        self._checkpointed_edits: Optional[Dict] = None
+        self._stale: Set[int] = set()  # edited since the dataloader's cache was last refreshed
+        # nerfstudio's full-image datamanager undistorts its cache and overwrites the cameras' intrinsics in place;
+        # these raw ones let it undistort edited images again (see refresh_train_images)
+        cameras = dataset.cameras
+        self._raw_intrinsics = {name: getattr(cameras, name).clone() for name in RAW_INTRINSICS}
+
+    @property
+    def train_dataset(self) -> EditedFrameDataset:
+        return self.datamanager.train_dataset
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        trainer = training_callback_attributes.trainer
+        assert trainer is not None
+        self.run_dir = Path(trainer.base_dir)
+        self.setup_editing(trainer)
+        self._open_edit_store()
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.finish_editing))
+        return callbacks
+
+    def setup_editing(self, trainer: Trainer) -> None:
+        """Loads the subclass's editing models; called once the trainer (and any checkpoint) is there."""
+        raise NotImplementedError
+
+    def _open_edit_store(self) -> None:
+        assert self.run_dir is not None
+        self.edit_store = EditStore(self.run_dir / "edits")
+        if self._checkpointed_edits is not None:
+            try:
+                self.edit_store.restore(self._checkpointed_edits)
+            except FileNotFoundError as error:
+                raise InputError(f"{error}; expected the edits of the run the checkpoint comes from") from None
+            CONSOLE.log(f"{self.method}: restored {len(self.edit_store)} edited images into {self.edit_store.root}")
+        self.train_dataset.edit_store = self.edit_store
+        self.refresh_train_images(range(len(self.train_dataset)))
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict:
+        edits = self.edit_store.state() if self.edit_store is not None else self._checkpointed_edits
+        return {"position": asdict(self.position), "edits": edits, "num_train_images": len(self.train_dataset)}
+
+    def set_extra_state(self, state: Dict) -> None:
+        expected = len(self.train_dataset)
+        if state["num_train_images"] != expected:
+            raise InputError(
+                f"the checkpoint edits a scene with {state['num_train_images']} training images, but this dataset "
+                f"has {expected}; expected a checkpoint of the same scene"
+            )
+        self.position = type(self.position)(**state["position"])
+        self._checkpointed_edits = state["edits"]
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        try:
+            super().load_pipeline(loaded_state, step)
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines()]
+            detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected"))),
+                          lines[0])
+            raise InputError(
+                f"the checkpoint (--load-dir/--load-checkpoint) does not fit this model: {detail} Expected a "
+                f"checkpoint of {self.method}'s model on this scene with the same model settings"
+            ) from None
+
+    @property
+    def has_lens_distortion(self) -> bool:
+        distortion = self.train_dataset.cameras.distortion_params
+        return distortion is not None and bool(torch.any(distortion != 0))
+
+    # ---- images ------------------------------------------------------------------------------------------------------
+    def render(self, index: int) -> Dict[str, torch.Tensor]:
+        """The model's outputs for training image ``index`` (its camera and time), on the CPU."""
+        camera = self.train_dataset.cameras[index : index + 1].to(self.device)
+        return {key: value.cpu() for key, value in self.model.get_outputs_for_camera(camera).items()}
+
+    def put(self, index: int, image: torch.Tensor) -> None:
+        """Stores the edit [H, W, 3] in [0, 1] of training image ``index``."""
+        assert self.edit_store is not None
+        self.edit_store.put(index, self._keys[index], image.detach().cpu().numpy())
+        self._stale.add(index)
+
+    def refresh_train_images(self, indices: Optional[Iterable[int]] = None) -> None:
+        """Makes the train dataloader see the current versions of ``indices`` (default: those edited since the last
+        refresh)."""
+        indices, self._stale = (self._stale if indices is None else set(indices)), set()
+        datamanager = self.datamanager
+        if isinstance(datamanager, FullImageDatamanager):
+            if "cached_train" not in vars(datamanager):
+                return  # not cached yet: the first access reads the current images
+            if self.has_lens_distortion:
+                # nerfstudio undistorts the whole cache at once: give back the raw intrinsics and let it redo it
+                cameras = self.train_dataset.cameras
+                for name, value in self._raw_intrinsics.items():
+                    getattr(cameras, name).copy_(value)
+                del datamanager.cached_train
+                return
+            for index in indices:
+                image = self.train_dataset.get_data(index, image_type=datamanager.config.cache_images_type)["image"]
+                old = datamanager.cached_train[index]["image"]
+                datamanager.cached_train[index]["image"] = image.to(old.device)
+        else:
+            loader = datamanager.train_image_dataloader
+            if loader.cache_all_images:
+                loader.cached_collated_batch = loader._get_collated_batch()
+            else:
+                loader.first_time = True
+
+    # ---- outputs -----------------------------------------------------------------------------------------------------
+    def comparison_prompts(self) -> Tuple[str, str]:
+        """The edit prompt and the source prompt that the metric report scores against."""
+        raise NotImplementedError
+
+    def finish_editing(self, step: Optional[int] = None) -> Optional[Dict[str, object]]:
+        """Writes ``<run>/edit_videos`` (original | edited per camera) and ``<run>/edit_metrics.json``; returns the
+        metric report (None when nothing was edited)."""
+        if self.run_dir is None or self.edit_store is None or len(self.edit_store) == 0:
+            return None
+        dataset = self.train_dataset
+        prompt, source_prompt = self.comparison_prompts()
+        folder = write_comparison_videos(
+            self.run_dir, [ComparisonGroup(group.name, group.indices) for group in self.cameras],
+            dataset.original_image, dataset.current_image, prompt=prompt, source_prompt=source_prompt,
+            temporal=dataset.cameras.times is not None, fps=self.config.video_fps,
+        )
+        CONSOLE.log(f"{self.method}: original|edited videos in {folder}")
+        clip = load_clip_or_skip(self.config.clip_model, self.device, "--pipeline.clip-model")
+        report = run_metrics(self.run_dir, clip)
+        (self.run_dir / "edit_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        CONSOLE.print(f"{self.method} edit metrics (all cameras):\n{format_report(report['all'])}")
+        return report
+

@@ -61,7 +61,7 @@ class EditStore:
         if entry is None:
             return None
         with Image.open(self.root / entry["file"]) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable: nerfstudio wraps it in a tensor
 
     def state(self) -> Dict:
         """What a checkpoint keeps: where the edits are and which images they replace."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio_ffmpeg
 import numpy as np
@@ -28,25 +29,17 @@ from ns_4d_methods.data.n3dv_dataparser import LLFF_TO_OPENGL, N3DVDataParserCon
 from ns_4d_methods.guidance.frame_editor import FrameEditor, edit_size
 from ns_4d_methods.guidance.ip2p_editor import InstructPix2PixEditor
 from ns_4d_methods.pipelines.instruct4d_pipeline import EditPosition, Instruct4DPipeline, key_round_strength
-from tiny_models import build_tiny_ip2p_pipeline
+from tiny_models import TINY_NERFACTO_4D, build_tiny_ip2p_pipeline
 
 DNERF_SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dnerf_jumpingjacks_400"
 BIN = Path(sys.executable).parent
 needs_scene = pytest.mark.skipif(not DNERF_SCENE.is_dir(), reason=f"needs {DNERF_SCENE}")
 
 SCALE = 0.16  # D-NeRF frames at 64 x 64
-PROPOSALS = "--pipeline.model.proposal-net-args-list"
 TINY_MODEL = [
     "--machine.device-type", "cpu", "--vis", "tensorboard",
     "--steps-per-eval-batch", "1000", "--steps-per-eval-image", "1000", "--steps-per-eval-all-images", "100000",
-    "--steps-per-save", "1000",
-    "--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.datamanager.eval-num-rays-per-batch", "256",
-    "--pipeline.model.num-levels", "4", "--pipeline.model.log2-hashmap-size", "10", "--pipeline.model.max-res", "64",
-    "--pipeline.model.log2-hashmap-size-4d", "10", "--pipeline.model.max-res-4d", "32",
-    f"{PROPOSALS}.0.log2-hashmap-size", "10", f"{PROPOSALS}.0.num-levels", "3", f"{PROPOSALS}.0.max-res", "32",
-    f"{PROPOSALS}.1.log2-hashmap-size", "10", f"{PROPOSALS}.1.num-levels", "3", f"{PROPOSALS}.1.max-res", "64",
-    "--pipeline.model.num-proposal-samples-per-ray", "16", "8", "--pipeline.model.num-nerf-samples-per-ray", "8",
-    "--pipeline.model.implementation", "torch", "--pipeline.model.eval-num-rays-per-chunk", "4096",
+    "--steps-per-save", "1000", *TINY_NERFACTO_4D,
 ]
 TINY_EDITS = [
     "--pipeline.full-edit-steps", "2", "--pipeline.refine-steps", "2", "--pipeline.refine-strength", "0.5",
@@ -168,12 +161,17 @@ def tiny_pipeline_config(tiny_ip2p: Path, **overrides):
     return config
 
 
+def reconstruction_trainer(run_dir: Path, load_dir: Path) -> SimpleNamespace:
+    """What the pipeline reads of nerfstudio's trainer: the run directory and the reconstruction it loaded."""
+    return SimpleNamespace(base_dir=run_dir, config=SimpleNamespace(load_dir=load_dir, load_checkpoint=None))
+
+
 @needs_scene
 def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_ip2p, tmp_path, monkeypatch):
     config = tiny_pipeline_config(tiny_ip2p, steps_per_edit_unit=2, refresh_every=10)
     config.datamanager.data, config.datamanager.camera_res_scale_factor = DNERF_SCENE, SCALE
     pipeline: Instruct4DPipeline = config.setup(device="cpu", test_mode="val")
-    pipeline.setup_editing(tmp_path, reconstruction=tmp_path)
+    pipeline.open_editing(reconstruction_trainer(tmp_path, tmp_path))
     recorder = RecordingEditor(pipeline.editor)
     pipeline.editor = recorder
 
@@ -192,7 +190,9 @@ def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_i
     assert first["prompt"] == "make it red" and first["guidance_scale"] == 7.5
     assert second["prompt"] == "make it blue" and second["guidance_scale"] == 3.0
     assert len(pipeline.edit_store) == 9
-    assert pipeline.position == EditPosition("propagate", 1, 0, 2, 0, 3, 0, 4, None)
+    assert pipeline.position == EditPosition(
+        phase="propagate", key_round=1, camera=0, window=2, passes=0, units=3, first_step=0, last_unit_step=4
+    )
     # the training batch now holds edited images
     dataset = pipeline.datamanager.train_dataset
     assert not torch.allclose(dataset.current_image(1), dataset.original_image(1))
@@ -203,7 +203,9 @@ def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_i
     assert state["_extra_state"]["position"]["window"] == 2 and len(state["_extra_state"]["edits"]["index"]) == 9
 
     # a pass ended at step 20: nothing until refresh_every steps later, then a window composited on renders
-    pipeline.position = EditPosition("wait", 1, 0, 0, 1, 3, 0, 20, 20)
+    pipeline.position = EditPosition(
+        phase="wait", key_round=1, passes=1, units=3, first_step=0, last_unit_step=20, pass_end_step=20
+    )
     renders = []
     original_render = pipeline.render
     monkeypatch.setattr(pipeline, "render", lambda index: renders.append(index) or original_render(index))
@@ -285,7 +287,7 @@ def test_key_view_round_projects_key_edits_through_rendered_depth(tiny_ip2p, tmp
     config.datamanager.dataparser = n3dv_config(tmp_path / "scene")
     config.datamanager.data = tmp_path / "scene"
     pipeline: Instruct4DPipeline = config.setup(device="cpu", test_mode="val")
-    pipeline.setup_editing(tmp_path / "run", reconstruction=tmp_path)
+    pipeline.open_editing(reconstruction_trainer(tmp_path / "run", tmp_path))
     cameras = pipeline.datamanager.train_dataset.cameras
     monkeypatch.setattr(pipeline, "render", lambda index: {"depth": wall_depth(cameras, index)[..., None]})
 

@@ -17,7 +17,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny_clip, build_tiny_sd_pipeline
+from tiny_models import TINY_NERFACTO_4D, build_tiny_clip, build_tiny_sd_pipeline
 from tree_digest import tree_digest
 
 from method_configs.unified_edit import unified_edit
@@ -213,6 +213,14 @@ def test_static_scene_with_lens_distortion(tmp_path, models):
     report = json.loads((fox / "edit_metrics.json").read_text())
     assert report["all"]["frames"] == 45 and "warp_error" not in report["all"]  # views, not a sequence in time
     assert "clip_text_image" in report["all"]
+
+
+def test_nerfacto_variant(tmp_path, models):
+    dnerf = ["--pipeline.datamanager.camera-res-scale-factor", "0.16", *TINY_NERFACTO_4D, "--data", str(DNERF_SCENE)]
+    result = run(train_args("unified-edit-nerfacto", tmp_path, "nerf", 3, models, *dnerf))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "edit pass: batch 2/4" in result.stdout
+    assert len(edit_files(run_dir(tmp_path, "nerf", "unified-edit-nerfacto"))) == 1 + 2 * BATCH
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,18 @@ MAX_TOKENS = 77
 # Stable Diffusion's noise schedule (both SD 1.5 and InstructPix2Pix use it)
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
+_PROPOSALS = "--pipeline.model.proposal-net-args-list"
+TINY_NERFACTO_4D = [
+    "--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.datamanager.eval-num-rays-per-batch", "256",
+    "--pipeline.model.num-levels", "4", "--pipeline.model.log2-hashmap-size", "10", "--pipeline.model.max-res", "64",
+    "--pipeline.model.log2-hashmap-size-4d", "10", "--pipeline.model.max-res-4d", "32",
+    f"{_PROPOSALS}.0.log2-hashmap-size", "10", f"{_PROPOSALS}.0.num-levels", "3", f"{_PROPOSALS}.0.max-res", "32",
+    f"{_PROPOSALS}.1.log2-hashmap-size", "10", f"{_PROPOSALS}.1.num-levels", "3", f"{_PROPOSALS}.1.max-res", "64",
+    "--pipeline.model.num-proposal-samples-per-ray", "16", "8", "--pipeline.model.num-nerf-samples-per-ray", "8",
+    "--pipeline.model.implementation", "torch", "--pipeline.model.eval-num-rays-per-chunk", "4096",
+]
+"""``ns-train`` flags that shrink a nerfacto-4d model (and its ray batches) to test size."""
+
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer over printable ASCII characters with no merges: one token per character."""

@@ -6,6 +6,9 @@ An :class:`EditingPipeline` reads its training images through
 
 - opens the store once the trainer exists (nerfstudio hands the trainer over only in ``get_training_callbacks``,
   after the checkpoint was loaded) and restores the edits a checkpoint refers to;
+- runs the subclass's edit units inside the training loop (no threads): at most one per step, every
+  ``steps_per_edit_unit`` steps from ``edit_start_step`` on, and a refresh pass ``refresh_every`` steps after a pass
+  ends;
 - keeps its schedule position and the store's index in every checkpoint (``get_extra_state``);
 - refreshes the train dataloader's image cache after edits, for ray-sampling and full-image datamanagers alike;
 - renders training views (camera and time) for edits that start from the model's current images;
@@ -48,6 +51,30 @@ class EditingPipelineConfig(DynamicPipelineConfig):
     are skipped with one message when its weights are not available."""
     video_fps: int = 15
     """Frame rate of the original|edited comparison videos."""
+    edit_start_step: int = 0
+    """Training steps before the first edit unit (counted from the first step of this run)."""
+    steps_per_edit_unit: int = 10
+    """Training steps between two edit units."""
+    refresh_every: int = 2000
+    """Training steps between the end of a pass and the start of a refresh pass from renders; 0: no refreshes."""
+
+
+@dataclass
+class SchedulePosition:
+    """When the edit schedule last acted; the subclasses' positions add where it stands."""
+
+    phase: str = "wait"
+    """The subclass's phase; "wait" between passes."""
+    passes: int = 0
+    """Passes completed."""
+    units: int = 0
+    """Edit units done."""
+    first_step: Optional[int] = None
+    """Training step at which this edit run started (resumes keep it)."""
+    last_unit_step: Optional[int] = None
+    """Step of the last edit unit."""
+    pass_end_step: Optional[int] = None
+    """Step at which the last pass ended."""
 
 
 @dataclass
@@ -96,10 +123,9 @@ def progress_bar(fraction: float, width: int = 20) -> str:
 
 
 class EditingPipeline(DynamicPipeline):
-    """Base of the editing pipelines; subclasses set ``method`` and ``position`` and implement :meth:`setup_editing`.
-
-    ``position`` is a dataclass instance holding where the subclass's edit schedule stands; it is saved with every
-    checkpoint and restored from it.
+    """Base of the editing pipelines. Subclasses set ``method`` and ``position`` (a :class:`SchedulePosition`
+    subclass, saved with every checkpoint) and implement :meth:`setup_editing`, :meth:`run_edit_unit`,
+    :meth:`start_refresh_pass` and :meth:`comparison_prompts`.
     """
 
     config: EditingPipelineConfig
@@ -117,7 +143,7 @@ class EditingPipeline(DynamicPipeline):
             for group in self.cameras
             for index, frame in zip(group.indices, group.frame_ids)
         }
-        self.position: Any = None
+        self.position: Any = SchedulePosition()
         self.edit_store: Optional[EditStore] = None
         self.run_dir: Optional[Path] = None
         self._checkpointed_edits: Optional[Dict] = None
@@ -135,14 +161,18 @@ class EditingPipeline(DynamicPipeline):
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> List[TrainingCallback]:
-        trainer = training_callback_attributes.trainer
-        assert trainer is not None
-        self.run_dir = Path(trainer.base_dir)
-        self.setup_editing(trainer)
-        self._open_edit_store()
+        assert training_callback_attributes.trainer is not None
+        self.open_editing(training_callback_attributes.trainer)
         callbacks = super().get_training_callbacks(training_callback_attributes)
         callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.finish_editing))
         return callbacks
+
+    def open_editing(self, trainer: Trainer) -> None:
+        """Loads the editing models and opens the edit store under the trainer's run directory (``base_dir``),
+        restoring the edits of a loaded checkpoint."""
+        self.run_dir = Path(trainer.base_dir)
+        self.setup_editing(trainer)
+        self._open_edit_store()
 
     def setup_editing(self, trainer: Trainer) -> None:
         """Loads the subclass's editing models; called once the trainer (and any checkpoint) is there."""
@@ -159,6 +189,36 @@ class EditingPipeline(DynamicPipeline):
             CONSOLE.log(f"{self.method}: restored {len(self.edit_store)} edited images into {self.edit_store.root}")
         self.train_dataset.edit_store = self.edit_store
         self.refresh_train_images(range(len(self.train_dataset)))
+
+    # ---- the schedule ----------------------------------------------------------------------------------------------
+    def get_train_loss_dict(self, step: int):
+        if self.edit_store is not None and self._edit_due(step):
+            # the editors pick their own precision; the trainer's mixed-precision autocast stays out of them
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                self.run_edit_unit(step)
+        return super().get_train_loss_dict(step)
+
+    def _edit_due(self, step: int) -> bool:
+        position, config = self.position, self.config
+        if position.first_step is None:
+            position.first_step = step
+        if step - position.first_step < config.edit_start_step:
+            return False
+        if position.last_unit_step is not None and step - position.last_unit_step < config.steps_per_edit_unit:
+            return False
+        if position.phase == "wait":
+            if config.refresh_every <= 0 or step - (position.pass_end_step or 0) < config.refresh_every:
+                return False
+            self.start_refresh_pass()
+        return True
+
+    def run_edit_unit(self, step: int) -> None:
+        """One edit unit; it records itself in ``position`` (``units``, ``last_unit_step``, pass ends)."""
+        raise NotImplementedError
+
+    def start_refresh_pass(self) -> None:
+        """Moves ``position`` from "wait" to the start of a refresh pass."""
+        raise NotImplementedError
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict:

@@ -58,6 +58,7 @@ from ns_4d_methods.guidance.ip2p_editor import IP2P_MODEL_ID, AnchorAttentionMod
 from ns_4d_methods.pipelines.editing_pipeline import (
     EditingPipeline,
     EditingPipelineConfig,
+    SchedulePosition,
     progress_bar,
     seed_for,
 )
@@ -121,19 +122,13 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     """What the model's "depth" output measures: "ray" (distance along the ray, NeRFs) or "z" (splatting)."""
     max_edit_resolution: int = 512
     """Long side, in pixels, that frames are edited at (at most); frames are resized to multiples of 8 and back."""
-    edit_start_step: int = 0
-    """Training steps on the reconstruction's own images before the first edit unit."""
-    steps_per_edit_unit: int = 10
-    """Training steps between two edit units (a key-view round or one window)."""
-    refresh_every: int = 2000
-    """Training steps between the end of a pass and the start of a refresh pass from renders; 0: no refreshes."""
     edit_seed: int = 0
     """Seed of every edit's noise and of the key-camera choice: edits are reproducible."""
 
 
 @dataclass
-class EditPosition:
-    """Where the edit schedule stands; saved with every checkpoint."""
+class EditPosition(SchedulePosition):
+    """Where the edit schedule stands (``passes`` counts propagation and refresh passes)."""
 
     phase: Phase = "key"
     """Key-view rounds, a propagation pass, waiting for the next refresh, or a refresh pass."""
@@ -143,16 +138,6 @@ class EditPosition:
     """Camera (position in the camera list) whose windows the current pass is editing."""
     window: int = 0
     """Next window of that camera."""
-    passes: int = 0
-    """Propagation and refresh passes completed."""
-    units: int = 0
-    """Edit units done."""
-    first_step: Optional[int] = None
-    """Training step at which this edit run started (resumes keep it)."""
-    last_unit_step: Optional[int] = None
-    """Step of the last edit unit."""
-    pass_end_step: Optional[int] = None
-    """Step at which the last pass ended."""
 
 
 def key_round_strength(round_index: int, rounds: int, final: float) -> float:
@@ -221,26 +206,9 @@ class Instruct4DPipeline(EditingPipeline):
         )
 
     # ---- the schedule ----------------------------------------------------------------------------------------------
-    def get_train_loss_dict(self, step: int):
-        if self.edit_store is not None and self._edit_due(step):
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                self.run_edit_unit(step)
-        return super().get_train_loss_dict(step)
-
-    def _edit_due(self, step: int) -> bool:
-        position, config = self.position, self.config
-        if position.first_step is None:
-            position.first_step = step
-        if step - position.first_step < config.edit_start_step:
-            return False
-        if position.last_unit_step is not None and step - position.last_unit_step < config.steps_per_edit_unit:
-            return False
-        if position.phase == "wait":
-            if config.refresh_every <= 0 or step - (position.pass_end_step or 0) < config.refresh_every:
-                return False
-            position.phase, position.camera, position.window = "refresh", 0, 0
-            self._windows = None
-        return True
+    def start_refresh_pass(self) -> None:
+        self.position.phase, self.position.camera, self.position.window = "refresh", 0, 0
+        self._windows = None
 
     @property
     def num_key_rounds(self) -> int:

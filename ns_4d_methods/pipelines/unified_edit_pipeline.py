@@ -42,7 +42,12 @@ from ns_4d_methods.guidance.attention_injection import (
     ReferenceContext,
 )
 from ns_4d_methods.guidance.frame_editor import edit_size, resize
-from ns_4d_methods.pipelines.editing_pipeline import EditingPipeline, EditingPipelineConfig, progress_bar
+from ns_4d_methods.pipelines.editing_pipeline import (
+    EditingPipeline,
+    EditingPipelineConfig,
+    SchedulePosition,
+    progress_bar,
+)
 
 
 @dataclass
@@ -64,8 +69,6 @@ class UnifiedEditPipelineConfig(EditingPipelineConfig):
     """Training image index of the reference view (default: the middle training view in time)."""
     max_edit_resolution: int = 512
     """Long side, in pixels, that views are edited at (at most)."""
-    edit_start_step: int = 0
-    """Training steps before the first edit unit (counted from the first step of this run)."""
     steps_per_edit_unit: int = 1
     """Training steps between two edit units (the reference, or one batch of views)."""
     refresh_every: int = 0
@@ -73,25 +76,15 @@ class UnifiedEditPipelineConfig(EditingPipelineConfig):
 
 
 @dataclass
-class EditPassPosition:
-    """Where the edit schedule stands; saved with every checkpoint."""
+class EditPassPosition(SchedulePosition):
+    """Where the edit schedule stands (``passes`` counts the edit pass and the refresh passes)."""
 
     phase: Literal["edit", "wait"] = "edit"
     """Inside a pass, or waiting for the next refresh pass."""
     unit_in_pass: int = 0
     """Next unit of the current pass: 0 the reference, k >= 1 the k-th batch of the other views."""
-    passes: int = 0
-    """Passes completed (the edit pass, then refreshes)."""
-    units: int = 0
-    """Edit units done."""
     prompt: str = ""
     """The prompt of the current pass."""
-    first_step: Optional[int] = None
-    """Training step at which this edit run started (resumes keep it)."""
-    last_unit_step: Optional[int] = None
-    """Step of the last edit unit."""
-    pass_end_step: Optional[int] = None
-    """Step at which the last pass ended."""
 
 
 class UnifiedEditPipeline(EditingPipeline):
@@ -138,25 +131,8 @@ class UnifiedEditPipeline(EditingPipeline):
             )
 
     # ---- the schedule ----------------------------------------------------------------------------------------------
-    def get_train_loss_dict(self, step: int):
-        if self.editor is not None and self._edit_due(step):
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                self.run_edit_unit(step)
-        return super().get_train_loss_dict(step)
-
-    def _edit_due(self, step: int) -> bool:
-        position, config = self.position, self.config
-        if position.first_step is None:
-            position.first_step = step
-        if step - position.first_step < config.edit_start_step:
-            return False
-        if position.last_unit_step is not None and step - position.last_unit_step < config.steps_per_edit_unit:
-            return False
-        if position.phase == "wait":
-            if config.refresh_every <= 0 or step - (position.pass_end_step or 0) < config.refresh_every:
-                return False
-            position.phase, position.unit_in_pass = "edit", 0
-        return True
+    def start_refresh_pass(self) -> None:
+        self.position.phase, self.position.unit_in_pass = "edit", 0
 
     def run_edit_unit(self, step: int) -> None:
         """The next unit of the pass (the reference, or one batch), then the training images are refreshed."""

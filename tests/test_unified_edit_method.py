@@ -162,6 +162,20 @@ def test_a_refresh_pass_re_edits_the_renders(runs):
     assert changed == len(full), f"only {changed} of {len(full)} views were re-edited"
 
 
+def test_ns_render_of_the_edited_scene(runs, tmp_path):
+    video = tmp_path / "edited.mp4"
+    bin_dir = Path(sys.executable).parent  # the venv's ffmpeg
+    result = subprocess.run(
+        [sys.executable, "-m", "nerfstudio.scripts.render", "interpolate", "--load-config",
+         str(run_dir(runs["out"], "full") / "config.yml"), "--output-path", str(video), "--interpolation-steps", "1"],
+        capture_output=True, text=True, timeout=900,
+        env=dict(_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames = video_frames(video)
+    assert len(frames) >= 2 and frames[0].shape[:2] == (64, 64)
+
+
 def test_run_metrics_command(runs, models, tmp_path, capsys):
     output = tmp_path / "report.json"
     entrypoint(["run", str(run_dir(runs["out"], "full") / "config.yml"), "--clip-model", models["clip"],

@@ -183,7 +183,12 @@ def test_run_metrics_command(runs, models, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"prompt: {PROMPT}" in printed and "[cam00]" in printed and "clip_text_image" in printed
     stored = json.loads((run_dir(runs["out"], "full") / "edit_metrics.json").read_text())
-    assert json.loads(output.read_text()) == stored  # the same videos, the same numbers
+    written = json.loads(output.read_text())
+    assert written["prompt"] == stored["prompt"] and written["cameras"].keys() == stored["cameras"].keys()
+    for name in ("all", *stored["cameras"]):  # the same videos, the same numbers (up to float32 summation order)
+        section = stored["all"] if name == "all" else stored["cameras"][name]
+        mine = written["all"] if name == "all" else written["cameras"][name]
+        assert mine == pytest.approx(section, rel=1e-5, abs=1e-7)
     with pytest.raises(SystemExit) as error:
         entrypoint(["run", str(tmp_path), "--device", "cpu"])
     assert str(error.value).startswith(f"{tmp_path / 'edit_videos' / 'index.json'}: not found")

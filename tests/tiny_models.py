@@ -148,7 +148,7 @@ def build_tiny_clip(path) -> None:
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, pad_token_id=tokenizer.eos_token_id, **special,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id, **special,
         ),
         vision_config=dict(
             image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

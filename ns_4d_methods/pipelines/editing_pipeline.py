@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-import numpy as np
 import torch
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -111,11 +110,6 @@ def group_frames(dataset: EditedFrameDataset) -> List[CameraFrames]:
     return sorted(groups.values(), key=lambda g: g.camera_id)
 
 
-def seed_for(*parts: int) -> int:
-    """A 31-bit seed that depends on every part (edit seed, pass, camera, ...)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 def progress_bar(fraction: float, width: int = 20) -> str:
     """A text progress bar for log lines (a live bar would fight nerfstudio's step table for the terminal)."""
     filled = round(fraction * width)
@@ -188,7 +182,7 @@ class EditingPipeline(DynamicPipeline):
                 raise InputError(f"{error}; expected the edits of the run the checkpoint comes from") from None
             CONSOLE.log(f"{self.method}: restored {len(self.edit_store)} edited images into {self.edit_store.root}")
         self.train_dataset.edit_store = self.edit_store
-        self.refresh_train_images(range(len(self.train_dataset)))
+        self.refresh_train_images(i for i in range(len(self.train_dataset)) if i in self.edit_store)
 
     # ---- the schedule ----------------------------------------------------------------------------------------------
     def get_train_loss_dict(self, step: int):
@@ -268,6 +262,8 @@ class EditingPipeline(DynamicPipeline):
         """Makes the train dataloader see the current versions of ``indices`` (default: those edited since the last
         refresh)."""
         indices, self._stale = (self._stale if indices is None else set(indices)), set()
+        if not indices:
+            return  # the cache already holds the current images
         datamanager = self.datamanager
         if isinstance(datamanager, FullImageDatamanager):
             if "cached_train" not in vars(datamanager):

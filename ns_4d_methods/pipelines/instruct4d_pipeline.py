@@ -60,7 +60,6 @@ from ns_4d_methods.pipelines.editing_pipeline import (
     EditingPipelineConfig,
     SchedulePosition,
     progress_bar,
-    seed_for,
 )
 
 Phase = Literal["key", "propagate", "wait", "refresh"]
@@ -145,6 +144,11 @@ def key_round_strength(round_index: int, rounds: int, final: float) -> float:
     if rounds <= 1:
         return 1.0
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * round_index / (rounds - 1)))
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (edit seed, pass, camera, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class TrainingFrames:

@@ -114,13 +114,12 @@ class UnifiedEditPipeline(EditingPipeline):
         # plain attributes (see hold_frozen): no Stable Diffusion weights in checkpoints
         self.editor: Optional[AttentionInjectionEditor] = None
         self._context: Optional[ReferenceContext] = None
-        self.edit_size: Tuple[int, int] = (0, 0)
+        self.edit_size: Tuple[int, int] = (0, 0)  # every view's edit size: the reference's, bounded and rounded
 
     def setup_editing(self, trainer: Trainer) -> None:
         self.editor = AttentionInjectionEditor(self.config.editor, self.device, field_name="--pipeline.editor.model")
         height, width = self.train_dataset.original_image(self.reference).shape[:2]
         self.edit_size = edit_size(height, width, self.config.max_edit_resolution, self.editor.size_multiple)
-        """(height, width) every view is edited at: the reference's, bounded and rounded for the model."""
         if self.config.refresh_every > 0 and self.has_lens_distortion and isinstance(
             self.datamanager, FullImageDatamanager
         ):

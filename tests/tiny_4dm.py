@@ -1,0 +1,79 @@
+"""A tiny 4DM prior directory for tests, built by ``ns-4d-convert 4dm`` itself (no downloads).
+
+The UNet is the original implementation's tiny 4DM in ``shared/fixtures/4dm_tiny`` (random weights, 32 base
+channels, context dim 32), converted from its original checkpoints. Beside it, tiny random encoders of the real
+classes: an ``AutoencoderKL`` that downscales 8x as SD's does, the character-level CLIP tokenizer and a 32-dim
+``CLIPTextModel`` (``tiny_models``), and a ``CLIPVisionModel`` with ImageDream's 1280-dim tokens (2 layers, 32 px
+images, 16 px patches: 5 tokens instead of ViT-H's 257; the Resampler takes any number).
+
+Sizes: the converted UNet is declared for 8x8 latents, so the prior's ``image_size`` is 64 px (the fixture was made
+on 16x16 latents; any side divisible by 8 works).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from ns_4d_methods.cli.convert import entrypoint as convert
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "4dm_tiny"
+LATENT_SIZE = 8
+IMAGE_SIZE = 64
+
+
+def tiny_vae_8x() -> AutoencoderKL:
+    """A 4-channel VAE with SD's 8x downscale (four levels)."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    ).eval()
+
+
+def tiny_image_encoder() -> CLIPVisionModel:
+    config = CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=16, projection_dim=16,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def build_tiny_parts(path: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny SD 2.1-layout directory (vae/, text_encoder/, tokenizer/) and a tiny CLIP vision directory."""
+    sd, clip = path / "sd", path / "clip"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_clip_tokenizer()
+        tiny_vae_8x().save_pretrained(sd / "vae")
+        tiny_clip_text_encoder(tokenizer).save_pretrained(sd / "text_encoder")
+        tokenizer.save_pretrained(sd / "tokenizer")
+        tiny_image_encoder().save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    return sd, clip
+
+
+def build_tiny_4dm(path: str | Path, seed: int = 0) -> Path:
+    """Convert the fixture's tiny 4DM with tiny encoders into ``path/4dm`` (``ns-4d-convert``'s layout); returns it."""
+    path = Path(path)
+    sd, clip = build_tiny_parts(path / "parts", seed)
+    config = json.loads((FIXTURE / "config.json").read_text())
+    config["unet_config"]["image_size"] = LATENT_SIZE  # the declared latent size ("unused" by the original)
+    config_path = path / "parts" / "unet_config.json"
+    config_path.write_text(json.dumps(config))
+    output = path / "4dm"
+    convert([
+        "4dm", "--unet-config", str(config_path), "--imagedream", str(FIXTURE / "imagedream_ipmv.pt"),
+        "--motion", str(FIXTURE / "4dm.ckpt"), "--vae", str(sd), "--text-encoder", str(sd),
+        "--image-encoder", str(clip), "--output", str(output),
+    ])
+    return output

@@ -1,13 +1,15 @@
-"""nerfstudio's trainer with checked checkpoint paths: a bad ``--load-dir`` is a one-line error, not a traceback."""
+"""nerfstudio's trainer with checked checkpoint paths: a bad ``--load-dir`` is a one-line error, not a traceback.
+Also the AdamW optimizer config that nerfstudio lacks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Type
+from typing import Tuple, Type
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig
+from nerfstudio.engine.optimizers import OptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 
 from ns_4d_methods.errors import InputError
@@ -48,3 +50,14 @@ class Trainer4D(Trainer):
         elif config.load_checkpoint is not None and not config.load_checkpoint.is_file():
             raise InputError(f"--load-checkpoint {config.load_checkpoint}: file does not exist")
         super()._load_checkpoint()
+
+
+@dataclass
+class AdamWOptimizerConfig(OptimizerConfig):
+    """torch's AdamW (decoupled weight decay), as threestudio-based methods train."""
+
+    _target: Type = torch.optim.AdamW
+    betas: Tuple[float, float] = (0.9, 0.999)
+    """Coefficients of the running averages of the gradient and its square."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (torch's default)."""

@@ -1,11 +1,13 @@
-"""Reading images and videos for the command lines and methods: uint8 RGB frames, streamed, with one-line errors."""
+"""Reading images and videos for the command lines and methods (uint8 RGB frames, streamed, with one-line errors),
+and writing videos."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import cv2
+import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -77,3 +79,22 @@ def to_tensor(frame: np.ndarray) -> torch.Tensor:
 
 def to_frame(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def write_video(path: Path, frames: Iterable[np.ndarray], fps: int) -> Path:
+    """Writes uint8 RGB frames [H, W, 3] (all of one size, streamed) as an H.264 mp4 that players show."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for frame in frames:
+            if writer is None:
+                height, width = frame.shape[:2]
+                writer = imageio_ffmpeg.write_frames(
+                    str(path), (width, height), fps=fps, macro_block_size=2, ffmpeg_log_level="error"
+                )
+                writer.send(None)  # start ffmpeg
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        if writer is not None:
+            writer.close()
+    return path

@@ -29,13 +29,13 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.four_dm import CAMERA_DIM, FourDMUNet
 from ns_4d_methods.guidance.model_loading import default_dtype, from_pretrained_or_fail, load_pretrained_model
+from ns_4d_methods.render.orbit_cameras import Angle, orbit_c2w
 
 ANCHOR_AZIMUTHS_DEG = (0.0, 90.0, 180.0, 270.0)
 """Azimuths (this module's convention) of the anchor video's views: ImageDream's 90, 180, 270, 360; the last is the
 input view."""
 DECODE_BATCH = 8  # VAE decodes at 256 px are memory-heavy: a few images at a time
 
-Angle = Union[float, torch.Tensor]
 
 
 def camera_vector_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
@@ -53,22 +53,12 @@ def camera_vector_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
 def camera_vector(elevation_deg: Angle, azimuth_deg: Angle) -> torch.Tensor:
     """4DM's camera vector ``[..., 16]`` for a camera at (elevation, azimuth) in degrees looking at the origin.
 
-    threestudio's convention: position ``d (cos e cos a, cos e sin a, sin e)`` in a z-up world, up +z; the distance
-    drops out. The result equals ImageDream's ``get_camera(elevation=e, azimuth_start=a + 90)`` vector, e.g.
+    threestudio's convention (:func:`~ns_4d_methods.render.orbit_cameras.orbit_c2w`, the cameras the scene is
+    rendered from): position ``d (cos e cos a, cos e sin a, sin e)`` in a z-up world, up +z; the distance drops out.
+    The result equals ImageDream's ``get_camera(elevation=e, azimuth_start=a + 90)`` vector, e.g.
     ``camera_vector(0, 0) = [0,0,1,1, 1,0,0,0, 0,1,0,0, 0,0,0,1]``.
     """
-    elevation = torch.deg2rad(torch.as_tensor(elevation_deg, dtype=torch.float32))
-    azimuth = torch.deg2rad(torch.as_tensor(azimuth_deg, dtype=torch.float32))
-    elevation, azimuth = torch.broadcast_tensors(elevation, azimuth)
-    position = torch.stack(
-        [elevation.cos() * azimuth.cos(), elevation.cos() * azimuth.sin(), elevation.sin()], dim=-1
-    )
-    lookat = F.normalize(-position, dim=-1)
-    up = torch.tensor([0.0, 0.0, 1.0]).expand_as(lookat)
-    right = F.normalize(torch.cross(lookat, up, dim=-1), dim=-1)
-    up = F.normalize(torch.cross(right, lookat, dim=-1), dim=-1)
-    c2w = torch.cat([torch.stack([right, up, -lookat], dim=-1), position[..., None]], dim=-1)
-    return camera_vector_from_c2w(c2w)
+    return camera_vector_from_c2w(orbit_c2w(elevation_deg, azimuth_deg))
 
 
 def anchor_cameras(num_frames: int = 8) -> torch.Tensor:

@@ -29,6 +29,10 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    VideoMAEImageProcessor,
+    XCLIPConfig,
+    XCLIPModel,
+    XCLIPProcessor,
 )
 
 TEXT_DIM = 32
@@ -161,3 +165,28 @@ def build_tiny_clip(path) -> None:
         CLIPModel(config).save_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def build_tiny_xclip(path) -> None:
+    """A tiny random XCLIPModel (8 frames, 32 px) and its XCLIPProcessor (the tiny character tokenizer)."""
+    tokenizer = tiny_clip_tokenizer()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = XCLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id, **special,
+        ),
+        vision_config=dict(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_frames=8, mit_hidden_size=32, mit_intermediate_size=64,
+            mit_num_hidden_layers=1, mit_num_attention_heads=4,
+        ),
+        projection_dim=32,  # X-CLIP's video transformer (MIT) runs on the projected frame features
+        prompt_layers=1,
+        prompt_attention_heads=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        XCLIPModel(config).save_pretrained(path)
+    image_processor = VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    XCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)

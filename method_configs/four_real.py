@@ -1,0 +1,73 @@
+"""``ns-train 4real --pipeline.prompt "..."``: 4Real, text to a 4D scene through video diffusion (five stages in one
+run, see :mod:`ns_4d_methods.pipelines.four_real_pipeline`)."""
+
+from __future__ import annotations
+
+from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from ns_4d_methods.models.four_real import FourRealModelConfig
+from ns_4d_methods.pipelines.four_real_pipeline import FourRealPipelineConfig, FourRealTrainerConfig
+
+_CANONICAL, _TEMPORAL, _SDS = 20000, 20000, 5000
+_STEPS = _CANONICAL + _TEMPORAL
+
+
+def _decaying(lr: float, lr_final: float, **kwargs) -> dict:
+    return {
+        "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
+        "scheduler": ExponentialDecaySchedulerConfig(lr_final=lr_final, max_steps=_STEPS, **kwargs),
+    }
+
+
+def _constant(lr: float) -> dict:
+    return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None}
+
+
+four_real = MethodSpecification(
+    config=FourRealTrainerConfig(
+        method_name="4real",
+        steps_per_eval_image=500,
+        steps_per_eval_batch=0,
+        steps_per_save=2000,
+        steps_per_eval_all_images=5000,
+        max_num_iterations=_STEPS,
+        mixed_precision=False,
+        pipeline=FourRealPipelineConfig(
+            canonical_steps=_CANONICAL,
+            temporal_steps=_TEMPORAL,
+            sds_steps=_SDS,
+            # 4Real densifies with opacity threshold 5e-3 and (plain, not absolute) gradient threshold 2e-4, during
+            # the canonical stage until its video SDS starts; the freeze-time cameras are refined (SO3 x R3)
+            model=FourRealModelConfig(
+                cull_alpha_thresh=0.005,
+                densify_grad_thresh=0.0002,
+                use_absgrad=False,
+                stop_split_at=_CANONICAL - _SDS,
+                time_frequencies=10,
+                camera_optimizer=CameraOptimizerConfig(mode="SO3xR3"),
+            ),
+        ),
+        # splatfacto's learning rates; the deformation networks' are Deformable-3DGS' (8e-4 decaying to 1.6e-6)
+        optimizers={
+            "means": _decaying(1.6e-4, 1.6e-6),
+            "features_dc": _constant(0.0025),
+            "features_rest": _constant(0.0025 / 20),
+            "opacities": _constant(0.05),
+            "scales": _constant(0.005),
+            "quats": _constant(0.001),
+            "deformation": _decaying(8e-4, 1.6e-6),
+            "per_frame_deformation": _decaying(8e-4, 1.6e-6),
+            "camera_opt": _decaying(1e-4, 5e-7, warmup_steps=1000, lr_pre_warmup=0),
+            "bilateral_grid": _decaying(2e-3, 1e-4, warmup_steps=1000, lr_pre_warmup=0),
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        vis="viewer",
+    ),
+    description="4Real: text to a photorealistic 4D scene. A reference video and a freeze-time video from a video "
+    "diffusion model (or your own), cameras by structure from motion, canonical deformable Gaussians with per-frame "
+    "deformation, then a temporal deformation, each stage ending with video score distillation.",
+)

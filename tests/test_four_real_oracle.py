@@ -1,0 +1,331 @@
+"""4real's video SDS end to end with an oracle prior: a stand-in video model whose one-step estimate is the true render
+of ``ns-4d-sample-scene``'s analytic spheres along the camera path and times it is handed (and which checks that the
+conditioning frame in front of the renders is the real frame of that path's first camera and time, untouched by
+noise). The 4real pipeline is built from stage artefacts written with the true cameras and trains a short canonical
+stage; its deformation is then made deliberately wrong (the true motion, lagging in time), and the temporal and
+multi-view video SDS alone (the pipeline's own paths, weights 20 and 5, chosen at random each step) must bring
+held-out views at other times and poses at least 5 dB closer to the truth.
+
+Also the camera paths' geometry: temporal paths hold the pose and step the time, multi-view paths hold the time and
+orbit rigidly about the pivot out to the perturbed pose."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from four_real_scene import CAMERA_ANGLE_X, DISTANCE, camera_pose, freeze_time_video, reference_video, render_rgb
+from four_real_scene import write_run_artefacts
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.engine.optimizers import AdamOptimizerConfig, Optimizers
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+
+from method_configs.four_real import four_real
+from ns_4d_methods.cli.sample_scene import spheres_at, surface_points
+from ns_4d_methods.data.four_real_datamanager import FourRealDataManagerConfig
+from ns_4d_methods.guidance.model_loading import hold_frozen
+from ns_4d_methods.models.four_real import FourRealModelConfig
+from ns_4d_methods.pipelines.four_real_pipeline import FourRealPipelineConfig
+from ns_4d_methods.render.sds_camera_paths import multiview_path, orbit_pose, temporal_path
+
+VIDEO_RESOLUTION = 64  # the reference and freeze-time videos
+RESOLUTION = 64  # the SDS renders (the datamanager's SDS sizes are multiples of 32)
+REFERENCE_AZIMUTH, ELEVATION = 20.0, 25.0
+CANONICAL_STEPS = 200
+"""Canonical-stage steps (L1 on the 7 freeze-time frames) before the deformation is spoilt."""
+LAG = 0.12
+"""How far (in time, of 1) the deliberately wrong deformation trails the true motion."""
+STEPS = 120
+"""The oracle budget: video SDS steps (16 renders each, 64 x 64 px) on 1,200 Gaussians, the deformation network's
+learning rate decaying from 3e-3 to 5e-4."""
+
+
+def _camera(c2w: torch.Tensor, resolution: int, time_value: float) -> Cameras:
+    focal = 0.5 * resolution / math.tan(0.5 * CAMERA_ANGLE_X)
+    return Cameras(
+        camera_to_worlds=c2w.reshape(1, 3, 4).float(), fx=focal, fy=focal, cx=resolution / 2, cy=resolution / 2,
+        width=resolution, height=resolution, camera_type=CameraType.PERSPECTIVE,
+        times=torch.tensor([[time_value]], dtype=torch.float32),
+    )  # fmt: skip
+
+
+class SceneFrame:
+    """Maps poses between the analytic world and the normalised scene the datamanager made."""
+
+    def __init__(self, datamanager) -> None:
+        transform = datamanager.inputs.scene_from_world.double()
+        self.rotation, self.translation = transform[:, :3], transform[:, 3]
+        self.scale = datamanager.inputs.scene_scale
+
+    def to_world(self, c2w: torch.Tensor) -> np.ndarray:
+        c2w = c2w.double()
+        world = np.eye(4)
+        world[:3, :3] = (self.rotation.T @ c2w[:, :3]).numpy()
+        world[:3, 3] = (self.rotation.T @ (c2w[:, 3] / self.scale - self.translation)).numpy()
+        return world
+
+    def to_scene(self, world: np.ndarray) -> torch.Tensor:
+        world = torch.from_numpy(world).double()
+        rotation = self.rotation @ world[:3, :3]
+        centre = self.scale * (self.rotation @ world[:3, 3] + self.translation)
+        return torch.cat([rotation, centre[:, None]], dim=1).float()
+
+
+class OraclePrior:
+    """A video prior whose x0 estimate is the truth along the path (latents are pixels; 8 frames per latent frame
+    after the first, as LTX-Video's VAE)."""
+
+    temporal_compression = 8
+
+    def __init__(self, frame: SceneFrame) -> None:
+        self.frame = frame
+        self.conditions_checked = 0
+        self.path_times = []
+
+    def truth(self, path: Cameras) -> torch.Tensor:
+        """[1, 3, F, H, W]: the scene along the path, rendered at the videos' resolution and area-filtered down to the
+        path's, as the datamanager filters the conditioning frame."""
+        frames = []
+        for k in range(len(path)):
+            resolution = int(path.width[k])
+            angle = 2 * math.atan(0.5 * resolution / float(path.fx[k]))
+            assert abs(angle - CAMERA_ANGLE_X) < 1e-4 and int(path.height[k]) == resolution
+            world = self.frame.to_world(path.camera_to_worlds[k].cpu())
+            frames.append(render_rgb(world, float(path.times[k]), VIDEO_RESOLUTION, ground=False))
+        video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+        video = torch.nn.functional.interpolate(video, size=(resolution, resolution), mode="area")
+        return video.permute(1, 0, 2, 3)[None]
+
+    def encode(self, frames):
+        return frames.permute(1, 0, 2, 3)[None]
+
+    def add_noise(self, latents, noise, sigma):
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def predict_velocity(self, noisy, sigma, path=None):
+        assert path is not None and len(path) == noisy.shape[2]
+        truth = self.truth(path)
+        error = (noisy[:, :, 0] - truth[:, :, 0]).abs().mean().item()
+        assert error < 2.0 / 255, f"the conditioning frame is not the real frame of the path's first camera ({error})"
+        self.conditions_checked += 1
+        self.path_times.append(path.times.reshape(-1).tolist())
+        return (noisy - truth) / sigma
+
+    def decode(self, latents, generator=None):
+        return latents[0].permute(1, 0, 2, 3)
+
+
+def true_offsets(frame: SceneFrame, means: torch.Tensor, time_value: float) -> torch.Tensor:
+    """Scene-space offsets [N, 3] that carry canonical Gaussians (on the spheres at time 0) to where their sphere's
+    surface point is at ``time_value`` (translation, and the spin of the spinning sphere)."""
+    rotation, translation = frame.rotation.float(), frame.translation.float()
+    world = (rotation.T @ (means.T / frame.scale - translation[:, None])).T
+    start, now = spheres_at(0.0), spheres_at(time_value)
+    centres = torch.tensor(np.stack([centre for centre, _, _, _ in start])).float()
+    owner = (world[:, None] - centres[None]).norm(dim=-1).argmin(1)
+    moved = world.clone()
+    for k, (centre, _, _, spin) in enumerate(now):
+        angle = spin - start[k][3]
+        spin_matrix = torch.tensor(
+            [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]]
+        )
+        mine = owner == k
+        moved[mine] = torch.tensor(centre).float() + (world[mine] - centres[k]) @ spin_matrix.T
+    return frame.scale * (moved - world) @ rotation.T
+
+
+def fit_lagging_deformation(model, frame: SceneFrame, lag: float, iterations: int = 400) -> None:
+    """The deliberately wrong deformation: the deformation network regressed onto the true motion ``lag`` behind in
+    time (every sphere trails its true position; the spinning one turns late)."""
+    optimizer = torch.optim.Adam(model.deformation_field.parameters(), lr=3e-3)
+    means = model.means.detach()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(iterations):
+        time_value = float(torch.rand(1, generator=generator))
+        target = true_offsets(frame, means, (time_value - lag) % 1.0)
+        d_means, d_quats, d_log_scales = model.deformation_field(means, torch.full((len(means), 1), time_value))
+        loss = ((d_means - target) ** 2).sum(-1).mean() + (d_quats**2).sum(-1).mean() + (d_log_scales**2).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The rasterizer's many small tensors run fastest on one thread (and two threads thrash a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, one_thread):
+    """The 4real pipeline on stage artefacts written with the true cameras, after a short canonical stage (its own
+    training step: L1 on the freeze-time frames) and with the lagging deformation."""
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("oracle") / "run"
+    reference_pose = camera_pose(REFERENCE_AZIMUTH, ELEVATION)
+    azimuths = [REFERENCE_AZIMUTH + 15.0 * k for k in range(-3, 4)]
+    freeze, poses = freeze_time_video(azimuths, ELEVATION, 0.0, VIDEO_RESOLUTION, ground=False)
+    points, colours = surface_points(1200, np.random.default_rng(0))
+    reference = reference_video(reference_pose, 17, VIDEO_RESOLUTION, ground=False)
+    write_run_artefacts(run_dir, reference, freeze, poses, 3, points, colours)
+    config = FourRealPipelineConfig(
+        prompt="three striped spheres", run_dir=run_dir, canonical_steps=CANONICAL_STEPS, temporal_steps=STEPS,
+        sds_steps=0, datamanager=FourRealDataManagerConfig(resolutions=(RESOLUTION,)),
+        model=FourRealModelConfig(
+            sh_degree=0, background_color="white", rasterizer="torch", num_downscales=0, deformation_num_layers=4,
+            deformation_layer_width=64, position_frequencies=3, time_frequencies=4,
+        ),
+    )  # fmt: skip
+    pipeline = config.setup(device="cpu", test_mode="test")
+    model = pipeline.model
+    groups = {name: params for name, params in model.get_param_groups().items() if params}
+    optimizers = Optimizers({name: four_real.config.optimizers[name] for name in groups}, groups)
+    pipeline.train()
+    for step in range(CANONICAL_STEPS):
+        model.step_cb(optimizers, step)
+        optimizers.zero_grad_all()
+        _, losses, _ = pipeline.get_train_loss_dict(step)
+        sum(losses.values()).backward()
+        optimizers.optimizer_step_all()
+        optimizers.scheduler_step_all(step)
+    assert set(losses) >= {"main_loss", "small_motion_loss"}  # the canonical stage's losses
+    frame = SceneFrame(pipeline.datamanager)
+    fit_lagging_deformation(model, frame, LAG)
+    pipeline.config.sds_steps = STEPS
+    return pipeline
+
+
+def held_out_views(frame: SceneFrame):
+    """Views neither path covers exactly: other azimuths, elevations and times."""
+    generator = np.random.default_rng(3)
+    views = []
+    for _ in range(8):
+        azimuth = REFERENCE_AZIMUTH + generator.uniform(-25, 25)
+        elevation = ELEVATION + generator.uniform(-8, 8)
+        views.append((camera_pose(azimuth, elevation), float(generator.uniform(0.03, 0.97))))
+    return views
+
+
+def held_out_psnr(pipeline, frame: SceneFrame) -> float:
+    psnrs = []
+    pipeline.model.eval()
+    for world, time_value in held_out_views(frame):
+        camera = _camera(frame.to_scene(world), VIDEO_RESOLUTION, time_value)
+        rgb = pipeline.model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
+        truth = torch.from_numpy(render_rgb(world, time_value, VIDEO_RESOLUTION, ground=False)).float() / 255
+        psnrs.append(float(-10 * torch.log10(((rgb - truth) ** 2).mean())))
+    pipeline.model.train()
+    return float(np.mean(psnrs))
+
+
+def test_video_sds_alone_repairs_a_wrong_deformation(pipeline):
+    model, frame = pipeline.model, SceneFrame(pipeline.datamanager)
+    model.temporal = True
+    oracle = OraclePrior(frame)
+    hold_frozen(pipeline, "prior", oracle)
+    before = held_out_psnr(pipeline, frame)
+    schedule = ExponentialDecaySchedulerConfig(lr_final=5e-4, max_steps=STEPS)
+    optimizers = Optimizers(
+        {"deformation": {"optimizer": AdamOptimizerConfig(lr=3e-3, eps=1e-15), "scheduler": schedule}},
+        {"deformation": list(model.deformation_field.parameters())},
+    )
+    start = time.perf_counter()
+    kinds = []
+    for step in range(STEPS):
+        model.step_cb(optimizers, step)
+        optimizers.zero_grad_all()
+        losses = pipeline.video_sds_losses(step, "temporal", step)
+        kinds.extend(losses)
+        sum(losses.values()).backward()
+        optimizers.optimizer_step_all()
+        optimizers.scheduler_step_all(step)
+    seconds = time.perf_counter() - start
+    after = held_out_psnr(pipeline, frame)
+    temporal_steps = kinds.count("temporal_sds_loss")
+    print(f"oracle video SDS: held-out PSNR {before:.2f} -> {after:.2f} dB ({after - before:+.2f}) in {STEPS} steps, "
+          f"{seconds:.1f} s; temporal {temporal_steps}, multi-view {STEPS - temporal_steps}")
+    assert oracle.conditions_checked == STEPS
+    times = [torch.tensor(path) for path in oracle.path_times]
+    temporal = [t for t in times if not torch.allclose(t, t[:1].expand_as(t))]
+    assert all(torch.allclose(t, torch.arange(17) / 16.0) for t in temporal)  # times from 0, condition first
+    assert 0 < kinds.count("temporal_sds_loss") < STEPS and len(temporal) == kinds.count("temporal_sds_loss")
+    assert after - before >= 5.0
+
+
+def test_sds_paths_times_and_poses(pipeline):
+    datamanager = pipeline.datamanager
+    frame = SceneFrame(datamanager)
+    path, condition = datamanager.sds_path("temporal", 0)
+    assert len(path) == 17 and condition.shape == (3, RESOLUTION, RESOLUTION)
+    assert torch.allclose(path.times.reshape(-1), torch.arange(17) / 16.0)
+    assert torch.allclose(path.camera_to_worlds, path.camera_to_worlds[:1].expand(17, 3, 4))
+    reference = datamanager.inputs.reference[0].permute(2, 0, 1).float() / 255
+    assert torch.equal(condition, reference)  # the real frame 0, at the SDS size (here the frames' own)
+    world = frame.to_world(path.camera_to_worlds[0])
+    assert np.allclose(world, camera_pose(REFERENCE_AZIMUTH, ELEVATION), atol=1e-4)
+
+    path, condition = datamanager.sds_path("multiview", 0, frame=5)
+    assert torch.allclose(path.times.reshape(-1), torch.full((17,), 5 / 16))
+    reference = datamanager.inputs.reference[5].permute(2, 0, 1).float() / 255
+    assert torch.equal(condition, reference)
+    centres = path.camera_to_worlds[:, :, 3]
+    distances = centres.norm(dim=-1)  # the pivot is the scene's origin
+    assert torch.allclose(distances, torch.ones(17), atol=1e-5)
+    steps = (centres[1:] - centres[:-1]).norm(dim=-1)
+    assert torch.allclose(steps, steps.mean().expand(16), atol=1e-5)  # evenly out to the perturbed pose
+    # every camera keeps its view of the pivot: the pivot stays on its optical axis, as from the first
+    for c2w in path.camera_to_worlds:
+        to_pivot = -c2w[:, 3] / c2w[:, 3].norm()
+        assert torch.allclose(-c2w[:, 2], to_pivot, atol=1e-5)
+
+
+def test_path_builders_on_known_geometry():
+    pose = torch.from_numpy(camera_pose(0.0, 0.0)[:3]).float()  # on +x, looking at the origin, +z up
+    camera = _camera(pose, 32, 0.0)
+    path = temporal_path(camera, 0.25, 0.75, 8)
+    assert torch.allclose(path.times.reshape(-1), torch.linspace(0.25, 0.75, 9))
+    path = multiview_path(camera, torch.zeros(3), math.radians(90), 0.0, 0.4, 8)
+    # a quarter turn about +z (the camera's up) carries the camera from +x to +y
+    assert torch.allclose(path.camera_to_worlds[-1, :, 3], torch.tensor([0.0, DISTANCE, 0.0]), atol=1e-5)
+    assert torch.allclose(path.camera_to_worlds[4, :, 3], DISTANCE * torch.tensor([math.sqrt(0.5)] * 2 + [0.0]),
+                          atol=1e-5)
+    path = multiview_path(camera, torch.zeros(3), 0.5, -0.3, 0.4, 8)  # both angles: one rotation, in even steps
+    assert torch.allclose(path.camera_to_worlds[-1], orbit_pose(pose, torch.zeros(3), 0.5, -0.3), atol=1e-5)
+    steps = (path.camera_to_worlds[1:, :, 3] - path.camera_to_worlds[:-1, :, 3]).norm(dim=-1)
+    assert torch.allclose(steps, steps.mean().expand(8), atol=1e-6)
+    lifted = orbit_pose(pose, torch.zeros(3), 0.0, math.radians(30))
+    assert lifted[2, 3] == pytest.approx(DISTANCE * 0.5, abs=1e-5)  # 30 deg up about the right axis
+
+
+
+def test_path_renders_share_and_checkpoint_the_deformation(pipeline):
+    """A multi-view path (one time) evaluates the deformation once for its 16 renders, a temporal path once per time;
+    the checkpointed evaluation gives the deformation network the gradients of the plain one."""
+    model, datamanager = pipeline.model, pipeline.datamanager
+    model.temporal = True
+    calls = []
+    hook = model.deformation_field.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        for kind, expected in (("multiview", 1), ("temporal", 16)):
+            path, _ = datamanager.sds_path(kind, 0, frame=3)
+            calls.clear()
+            shared = model.render_path(path)
+            assert len(calls) == expected
+            model.deformation_field.zero_grad()
+            shared.square().mean().backward()
+            checkpointed = [p.grad.clone() for p in model.deformation_field.parameters()]
+            model.deformation_field.zero_grad()
+            plain = torch.stack([model.get_outputs(path[k : k + 1])["rgb"] for k in range(1, len(path))])
+            assert torch.allclose(plain.permute(0, 3, 1, 2), shared.detach())
+            plain.square().mean().backward()
+            for a, p in zip(checkpointed, model.deformation_field.parameters()):
+                assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-8)
+    finally:
+        hook.remove()
+        model.deformation_field.zero_grad()

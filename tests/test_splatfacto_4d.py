@@ -1,11 +1,14 @@
 """splatfacto-4d: the deformation starts as the identity and learns time-dependent motion, time reaches the renderer,
-nothing downloads, splatfacto's densification runs on the torch rasterizer's info, the gsplat call binds to gsplat's
-signature, and a short training run on D-NeRF raises test PSNR."""
+nothing downloads, splatfacto's densification runs on the torch rasterizer's info, 3DGS-MCMC's capped relocation
+runs on the CPU (eq. 9 against a direct evaluation), seed points with colours place the Gaussians on the CPU, the
+presets keep the full schedule on CUDA, the gsplat call binds to gsplat's signature, and a short training run on
+D-NeRF raises test PSNR."""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 from unittest import mock
 
@@ -15,9 +18,10 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.optimizers import Optimizers
 
-from method_configs.splatfacto_4d import splatfacto_4d
+from method_configs.splatfacto_4d import COMPACT_STEPS, FULL_STEPS, splatfacto_4d, splatfacto_4d_config
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
 from ns_4d_methods.models.image_metrics import LazyLPIPS
+from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice, compute_relocation_torch
 from ns_4d_methods.models.splatfacto_4d import Splatfacto4DModel, Splatfacto4DModelConfig
 
 DNERF_SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dnerf_jumpingjacks_400"
@@ -113,6 +117,112 @@ def test_densification_and_pruning_run_on_the_torch_rasterizer_info(model):
     assert len(grown) == 1 and sum(grown[0]) > 0  # (duplicated, split) at step 4
     assert all(len(p) == model.num_points for p in model.gauss_params.values())
     _train_step(model, optimizers, _camera(time=0.5), step=5)  # optimizer state follows the new Gaussians
+
+
+def _relocation_reference(opacity: float, scale: float, n: int):
+    """3DGS-MCMC eq. 9 term by term, as gsplat's CUDA kernel sums it, in float64."""
+    new_opacity = 1.0 - (1.0 - opacity) ** (1.0 / n)
+    denominator = sum(
+        math.comb(i - 1, k) * (-1) ** k / math.sqrt(k + 1) * new_opacity ** (k + 1)
+        for i in range(1, n + 1)
+        for k in range(i)
+    )
+    return new_opacity, scale * opacity / denominator
+
+
+def test_relocation_matches_equation_9():
+    binoms = MCMCStrategyAnyDevice().initialize_state()["binoms"]
+    opacities = torch.tensor([0.9, 0.5, 0.05, 0.99, 0.3, 0.7])
+    ratios = torch.tensor([1, 2, 3, 7, 20, 60])  # 60 is clamped to the table's 51, as gsplat clamps it
+    scales = torch.rand(6, 3) + 0.1
+    new_opacities, new_scales = compute_relocation_torch(opacities[:, None], scales, ratios, binoms)
+    assert new_opacities.shape == (6, 1) and new_scales.shape == (6, 3)
+    for i, (o, n) in enumerate(zip(opacities.tolist(), ratios.clamp(max=51).tolist())):
+        expected_opacity, expected_scale = _relocation_reference(o, 1.0, n)
+        assert new_opacities[i, 0].item() == pytest.approx(expected_opacity, rel=1e-5)
+        assert torch.allclose(new_scales[i], scales[i] * expected_scale, rtol=1e-5)
+    # a Gaussian rendered once is unchanged
+    assert new_opacities[0, 0] == pytest.approx(0.9) and torch.allclose(new_scales[0], scales[0])
+    if torch.cuda.is_available():
+        from gsplat.relocation import compute_relocation
+
+        cuda = compute_relocation(opacities.cuda(), scales.cuda(), ratios.cuda(), binoms.cuda())
+        assert torch.allclose(cuda[0].cpu(), new_opacities[:, 0], rtol=1e-4)
+        assert torch.allclose(cuda[1].cpu(), new_scales, rtol=1e-3)
+
+
+def test_mcmc_relocates_dead_gaussians_and_holds_the_cap_on_the_cpu(model):
+    model.config.strategy, model.config.max_gs_num = "mcmc", 330
+    model.config.warmup_length, model.config.refine_every, model.config.stop_split_at = 0, 2, 100
+    model.populate_modules()
+    assert isinstance(model.strategy, MCMCStrategyAnyDevice) and not model.strategy.absgrad
+    with torch.no_grad():
+        model.opacities[:20] = -10.0  # dead: opacity 4.5e-5
+    optimizers = Optimizers(copy.deepcopy(splatfacto_4d.config.optimizers), model.get_param_groups())
+    means_before = model.means.detach().clone()
+    counts = []
+    for step in range(7):
+        _train_step(model, optimizers, _camera(time=step / 6), step)
+        counts.append(model.num_points)
+    # refinements at steps 2, 4, 6: +5 % each (300 -> 315 -> 330), then the cap
+    assert counts == [300, 300, 315, 315, 330, 330, 330], counts
+    assert (torch.sigmoid(model.opacities[:300]) > 0.005).all()  # the dead ones were moved onto live ones
+    assert not torch.allclose(model.means[:300], means_before, atol=1e-3)
+    losses = model.get_loss_dict(model(_camera(time=0.5)), {"image": torch.zeros(48, 48, 3)})
+    assert losses["mcmc_opacity_reg"] > 0 and losses["mcmc_scale_reg"] > 0
+    _train_step(model, optimizers, _camera(time=0.5), step=7)  # optimizer state follows the new Gaussians
+
+
+def test_auto_strategy_is_mcmc_only_from_seed_points():
+    config = Splatfacto4DModelConfig(deformation_num_layers=2, deformation_layer_width=16, rasterizer="torch",
+                                     strategy="auto", num_random=50)
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    seeded = config.setup(scene_box=box, num_train_data=1, seed_points=(torch.rand(40, 3), torch.zeros(40, 3)))
+    random = config.setup(scene_box=box, num_train_data=1, seed_points=None)
+    assert isinstance(seeded.strategy, MCMCStrategyAnyDevice) and seeded.uses_mcmc
+    assert not isinstance(random.strategy, MCMCStrategyAnyDevice) and not random.uses_mcmc
+
+
+def test_mcmc_with_every_gaussian_dead_stops_with_a_clear_error(model):
+    model.config.strategy, model.config.warmup_length, model.config.refine_every = "mcmc", 0, 2
+    model.populate_modules()
+    with torch.no_grad():
+        model.opacities.fill_(-10.0)
+    optimizers = Optimizers(copy.deepcopy(splatfacto_4d.config.optimizers), model.get_param_groups())
+    with pytest.raises(RuntimeError, match="all 300 Gaussians fell below opacity 0.005 by step 2"):
+        for step in range(3):
+            _train_step(model, optimizers, _camera(time=0.5), step)
+
+
+def test_seed_points_with_colours_on_the_cpu():
+    points = torch.rand(200, 3) - 0.5
+    colours = torch.randint(0, 256, (200, 3), dtype=torch.uint8)
+    config = Splatfacto4DModelConfig(deformation_num_layers=2, deformation_layer_width=16, rasterizer="torch")
+    model = config.setup(
+        scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1, seed_points=(points, colours)
+    )
+    assert torch.equal(model.means, points)
+    assert torch.allclose(model.colors, colours.float() / 255.0, atol=1e-6)  # splatfacto's SH DC from the colours
+    assert model.seed_points[1] is colours
+
+
+def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
+    full, compact = splatfacto_4d_config("full"), splatfacto_4d_config("compact")
+    assert splatfacto_4d.config.max_num_iterations == (FULL_STEPS if torch.cuda.is_available() else COMPACT_STEPS)
+    # full: splatfacto's and Deformable-3DGS' values, as before the presets existed
+    model = full.pipeline.model
+    assert full.max_num_iterations == 30000 and model.strategy == "default" and model.num_random == 50000
+    assert (model.deformation_warmup, model.warmup_length, model.refine_every, model.stop_split_at) == (3000, 500, 100, 15000)
+    assert (model.num_downscales, model.resolution_schedule, model.sh_degree_interval) == (2, 3000, 1000)
+    assert (model.deformation_num_layers, model.deformation_layer_width, model.cull_alpha_thresh) == (8, 256, 0.1)
+    # compact: the same phases at a tenth, bounded Gaussians
+    model = compact.pipeline.model
+    assert compact.max_num_iterations == 3000 and model.strategy == "auto" and model.max_gs_num == 10000
+    assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (50, 1500, 100, 25)
+    assert model.deformation_warmup == 300 and model.num_downscales == 0 and model.refine_pause_ratio == 0.1
+    for name, group in compact.optimizers.items():  # learning rates keep their full-length schedules
+        scheduler = group["scheduler"]
+        assert scheduler is None or scheduler.max_steps == 30000, name
 
 
 def test_gsplat_call_uses_gsplat_signature(model):

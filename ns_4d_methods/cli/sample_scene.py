@@ -1,9 +1,12 @@
 """``ns-4d-sample-scene``: render a small synthetic dynamic scene in the D-NeRF format.
 
-Three textured spheres move over time (one bounces, one orbits, one spins in place) and are ray-cast analytically
+Three textured spheres move over time (one bounces, one orbits, one turns back and forth) and are ray-cast analytically
 from cameras on the upper hemisphere, one camera per instant, as in D-NeRF's monocular "teleporting" captures. The
 output is ``transforms_{train,val,test}.json`` plus RGBA PNGs with a transparent background, readable by
-nerfstudio's ``dnerf-data`` parser, so ``ns-train nerfacto-4d --data DIR`` runs on it with no download.
+nerfstudio's ``dnerf-data`` parser, so ``ns-train nerfacto-4d --data DIR`` runs on it with no download. A sparse
+point cloud on the spheres' surfaces at time 0, with their colours (``points3d.ply``, named by
+``transforms_train.json``'s ``ply_file_path`` as nerfstudio names one), lets ``dnerf-points-data`` start Gaussian
+models on the surfaces, as structure from motion would for a real capture.
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ class SampleScene:
     """Distance of every camera from the scene centre."""
     camera_angle_x: float = 0.6911
     """Horizontal field of view in radians (D-NeRF's value)."""
+    num_points: int = 3000
+    """Points of the sparse point cloud (0: none)."""
     seed: int = 0
-    """Seed for the camera positions."""
+    """Seed for the camera positions and the points."""
+    object_video: bool = False
+    """Also write a 4diffusion input under OUTPUT_DIR/object: an RGBA video of the spheres from one fixed camera and
+    ground-truth orbit views (see ns_4d_methods.cli.sample_object_video)."""
 
     def main(self) -> None:
         if self.output_dir.exists() and any(self.output_dir.iterdir()):
@@ -52,18 +60,40 @@ class SampleScene:
         rng = np.random.default_rng(self.seed)
         for split, count in (("train", self.num_train), ("val", self.num_val), ("test", self.num_test)):
             write_split(self, split, count, rng)
+        if self.num_points > 0:
+            write_points(self.output_dir, self.num_points, rng)
+        if self.object_video:
+            from ns_4d_methods.cli.sample_object_video import write_object_video  # it renders with this module
+
+            write_object_video(self.output_dir / "object", resolution=self.resolution)
         print(f"Wrote a {self.resolution}px dynamic scene to {self.output_dir}")
 
 
 def spheres_at(t: float) -> List[Tuple[np.ndarray, float, np.ndarray, float]]:
-    """(centre, radius, colour, spin angle) of each sphere at time t in [0, 1]."""
-    bounce = np.array([-0.6, 0.0, 0.35 + 0.6 * abs(math.sin(2 * math.pi * t))])
-    orbit = np.array([0.8 * math.cos(2 * math.pi * t), 0.8 * math.sin(2 * math.pi * t), 0.0])
+    """(centre, radius, colour, spin angle) of each sphere at time t in [0, 1].
+
+    Each sphere moves less than its own size: a deformation field learns such motion from the photometric loss in a
+    few thousand steps. In the first version of this scene one sphere orbited 5 radii away and another spun whole
+    turns under stripes that repeat every 60 degrees; the reconstruction lost the first and blurred the second (the
+    stripes look the same every 60 degrees, so the turn is ambiguous), so one orbits within its radius and the other
+    turns back and forth by 20 degrees.
+    """
+    angle = 2 * math.pi * t
     return [
-        (bounce, 0.35, np.array([0.9, 0.25, 0.2]), 0.0),
-        (orbit + np.array([0.3, 0.0, 0.0]), 0.3, np.array([0.2, 0.45, 0.95]), 0.0),
-        (np.array([0.3, 0.0, -0.55]), 0.45, np.array([0.25, 0.8, 0.3]), 2 * math.pi * t),
+        (np.array([-0.6, 0.0, 0.35 + 0.25 * abs(math.sin(angle))]), 0.35, np.array([0.9, 0.25, 0.2]), 0.0),  # bounces
+        (np.array([0.85 + 0.25 * math.cos(angle), 0.25 * math.sin(angle), 0.15]), 0.3, np.array([0.2, 0.45, 0.95]), 0.0),
+        (np.array([0.3, 0.0, -0.55]), 0.45, np.array([0.25, 0.8, 0.3]), math.radians(20) * math.sin(angle)),  # turns
     ]
+
+
+def surface_colour(normal: np.ndarray, colour: np.ndarray, spin: float) -> np.ndarray:
+    """Shaded colour [..., 3] of a sphere's surface at unit normals [..., 3]: stripes in the sphere's own frame (they
+    make rotation and motion visible to the reconstruction) under a fixed light, the same from every view."""
+    azimuth = np.arctan2(normal[..., 1], normal[..., 0]) - spin
+    latitude = np.arcsin(np.clip(normal[..., 2], -1.0, 1.0))
+    stripes = 0.65 + 0.35 * np.sign(np.sin(6 * azimuth)) * np.sign(np.sin(5 * latitude))
+    shade = 0.35 + 0.65 * np.clip(normal @ LIGHT, 0.0, 1.0)
+    return colour * (stripes * shade)[..., None]
 
 
 def look_at(position: np.ndarray) -> np.ndarray:
@@ -94,11 +124,7 @@ def render(c2w: np.ndarray, t: float, resolution: int, camera_angle_x: float) ->
         hit_t = -b - np.sqrt(np.maximum(disc, 0.0))
         hit = (disc > 0) & (hit_t > 0) & (hit_t < depth)
         normal = (origin + hit_t[..., None] * dirs - centre) / radius
-        # Stripes in the sphere's own frame make rotation and motion visible to the reconstruction.
-        azimuth = np.arctan2(normal[..., 1], normal[..., 0]) - spin
-        stripes = 0.65 + 0.35 * np.sign(np.sin(6 * azimuth)) * np.sign(np.sin(5 * np.arcsin(np.clip(normal[..., 2], -1.0, 1.0))))
-        shade = 0.35 + 0.65 * np.clip(normal @ LIGHT, 0.0, 1.0)
-        rgb = np.where(hit[..., None], colour * (stripes * shade)[..., None], rgb)
+        rgb = np.where(hit[..., None], surface_colour(normal, colour, spin), rgb)
         depth = np.where(hit, hit_t, depth)
     alpha = np.isfinite(depth)
     rgba = np.concatenate([np.clip(rgb, 0, 1), alpha[..., None]], -1)
@@ -122,6 +148,36 @@ def write_split(scene: SampleScene, split: str, count: int, rng: np.random.Gener
         frames.append({"file_path": f"./{split}/{name}", "time": t, "transform_matrix": c2w.tolist()})
     meta = {"camera_angle_x": scene.camera_angle_x, "frames": frames}
     (scene.output_dir / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
+
+
+def surface_points(count: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """``count`` points [count, 3] float32 spread uniformly over the spheres' surfaces at time 0, and their colours
+    [count, 3] uint8."""
+    spheres = spheres_at(0.0)
+    areas = np.array([radius**2 for _, radius, _, _ in spheres])
+    owners = rng.choice(len(spheres), size=count, p=areas / areas.sum())
+    normals = rng.normal(size=(count, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    points, colours = np.empty((count, 3)), np.empty((count, 3))
+    for k, (centre, radius, colour, spin) in enumerate(spheres):
+        mine = owners == k
+        points[mine] = centre + radius * normals[mine]
+        colours[mine] = surface_colour(normals[mine], colour, spin)
+    return points.astype(np.float32), (np.clip(colours, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def write_points(output_dir: Path, count: int, rng: np.random.Generator) -> None:
+    """``points3d.ply``: :func:`surface_points`; ``transforms_train.json`` names it under ``ply_file_path``."""
+    import open3d as o3d  # imported here: it takes a second, and only the point cloud needs it
+
+    points, colours = surface_points(count, rng)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    cloud.colors = o3d.utility.Vector3dVector(colours.astype(np.float64) / 255.0)
+    o3d.io.write_point_cloud(str(output_dir / "points3d.ply"), cloud)
+    meta_path = output_dir / "transforms_train.json"
+    meta = json.loads(meta_path.read_text())
+    meta["ply_file_path"] = "points3d.ply"
+    meta_path.write_text(json.dumps(meta, indent=2))
 
 
 def entrypoint() -> None:

@@ -11,7 +11,8 @@ compositing written here, following gsplat's CUDA kernels' conventions:
 - a pixel stops before the Gaussian that would take its transmittance to ``<= 1e-4`` (that one is excluded);
 - ``render = sum_i alpha_i T_i c_i + T background``, ``render_alpha = 1 - T``.
 
-Autograd gives the backward pass. Memory is bounded: the per-pixel work is done tile batch by tile batch on
+Autograd gives the backward pass, except through the compositing, whose backward is written out
+(:class:`_CompositeBatch`). Memory is bounded: the per-pixel work is done tile batch by tile batch on
 ``[tiles, tile pixels, Gaussians in the tile]`` arrays, never ``[pixels, all Gaussians]``.
 """
 
@@ -30,22 +31,66 @@ _MAX_ALPHA = 0.999
 _MIN_TRANSMITTANCE = 1e-4
 
 
-class _AbsGradTap(torch.autograd.Function):
-    """Identity on the per-pixel offsets ``mean2d - pixel``; its backward adds ``|d loss / d offset|`` per pixel into a
-    buffer, which is gsplat's ``means2d.absgrad`` (AbsGS): the sum over pixels of absolute, not summed, gradients."""
+class _CompositeBatch(torch.autograd.Function):
+    """Front-to-back compositing of a batch of B tiles of P pixels, each with its K Gaussians in depth order.
+
+    Inputs are gathered per tile: ``mean`` [B, K, 2], ``conic`` [B, K, 3] (a, b, c of the inverse 2D covariance),
+    ``opacity`` [B, K] (0 on padding slots), ``color`` [B, K, D], pixel centres ``px``/``py`` [B, P]. Returns the
+    composited colours [B, P, D] and alphas [B, P, 1].
+
+    The backward pass is written out rather than left to autograd, which kept about ten [B, P, K] intermediates
+    alive and walked them all back. With ``w_k = alpha_k T_(k-1)`` (zero once the pixel has ended) and ``v_k`` the
+    loss gradient of ``w_k`` (``dL/dC . c_k + dL/dA``), the gradient of ``alpha_k`` is
+    ``w_k v_k / alpha_k - S_k / (1 - alpha_k)`` with ``S_k = sum_(m > k) w_m v_m``; through
+    ``alpha = o exp(-sigma)`` it reaches the opacity (``alpha / o``) and ``sigma`` (``-alpha``), and through
+    ``sigma = (a dx^2 + c dy^2) / 2 + b dx dy`` the conic and the centre. Clamped alphas (at 0.999, or dropped below
+    1/255) pass no gradient, as in gsplat. ``absgrad`` (gsplat's ``means2d.absgrad``, AbsGS) receives the sum over
+    pixels of ``|dL / d(mean - pixel)|`` per Gaussian, indexed by ``gaussian_ids``.
+    """
 
     @staticmethod
-    def forward(ctx, dx: Tensor, dy: Tensor, gaussian_ids: Tensor, absgrad: Tensor) -> Tuple[Tensor, Tensor]:
-        ctx.save_for_backward(gaussian_ids)
+    def forward(ctx, mean, conic, opacity, color, px, py, gaussian_ids, absgrad):
+        dx = mean[:, None, :, 0] - px[:, :, None]  # [B, P, K]
+        dy = mean[:, None, :, 1] - py[:, :, None]
+        a, b, c = (conic[:, None, :, i] for i in range(3))
+        sigma = dx * (0.5 * a * dx + b * dy) + 0.5 * c * dy * dy
+        # sigma < 0 (not positive definite) is skipped; clamping first keeps exp finite
+        alpha = torch.clamp_max(opacity[:, None, :] * torch.exp(-sigma.clamp_min(0.0)), _MAX_ALPHA)
+        alpha = torch.where((sigma >= 0) & (alpha >= _MIN_ALPHA), alpha, 0.0)
+        transmittance = torch.cumprod(1.0 - alpha, dim=-1)  # after each Gaussian
+        before = torch.cat([torch.ones_like(transmittance[..., :1]), transmittance[..., :-1]], dim=-1)
+        # The Gaussian that would end the pixel (T <= 1e-4 after it) and all behind it are left out.
+        weights = torch.where(transmittance > _MIN_TRANSMITTANCE, alpha * before, 0.0)  # [B, P, K]
+        ctx.save_for_backward(mean, conic, opacity, color, px, py, alpha, weights, gaussian_ids)
         ctx.absgrad = absgrad
-        return dx.view_as(dx), dy.view_as(dy)
+        return torch.bmm(weights, color), weights.sum(-1, keepdim=True)
 
     @staticmethod
-    def backward(ctx, grad_dx: Tensor, grad_dy: Tensor):
-        (gaussian_ids,) = ctx.saved_tensors
-        per_gaussian = torch.stack([grad_dx.abs().sum(1), grad_dy.abs().sum(1)], dim=-1)  # [B, K, 2]
-        ctx.absgrad.index_add_(0, gaussian_ids.reshape(-1), per_gaussian.reshape(-1, 2))
-        return grad_dx, grad_dy, None, None
+    def backward(ctx, grad_color: Tensor, grad_alpha: Tensor):
+        mean, conic, opacity, color, px, py, alpha, weights, gaussian_ids = ctx.saved_tensors
+        wv = weights * (torch.bmm(grad_color, color.transpose(1, 2)) + grad_alpha)  # w_k v_k
+        behind = wv.sum(-1, keepdim=True) - wv.cumsum(-1)  # S_k
+        # alpha_k dL/d alpha_k where alpha moves with opacity and sigma
+        moving = (alpha > 0) & (alpha < _MAX_ALPHA)
+        alpha_grad = torch.where(moving, wv - alpha * behind / (1.0 - alpha), 0.0)
+        grad_opacity = alpha_grad.sum(1) / opacity.clamp_min(1e-12)
+        dx = mean[:, None, :, 0] - px[:, :, None]
+        dy = mean[:, None, :, 1] - py[:, :, None]
+        a, b, c = (conic[:, None, :, i] for i in range(3))
+        grad_sigma = -alpha_grad
+        grad_dx = grad_sigma * (a * dx + b * dy)
+        grad_dy = grad_sigma * (c * dy + b * dx)
+        grad_mean = torch.stack([grad_dx.sum(1), grad_dy.sum(1)], dim=-1)
+        grad_sigma_dx = grad_sigma * dx
+        grad_conic = torch.stack(
+            [0.5 * (grad_sigma_dx * dx).sum(1), (grad_sigma_dx * dy).sum(1), 0.5 * (grad_sigma * dy * dy).sum(1)],
+            dim=-1,
+        )
+        grad_colors = torch.bmm(weights.transpose(1, 2), grad_color)
+        if ctx.absgrad is not None:
+            per_gaussian = torch.stack([grad_dx.abs().sum(1), grad_dy.abs().sum(1)], dim=-1)  # [B, K, 2]
+            ctx.absgrad.index_add_(0, gaussian_ids.reshape(-1), per_gaussian.reshape(-1, 2))
+        return grad_mean, grad_conic, grad_opacity, grad_colors, None, None, None, None
 
 
 def _tile_intersections(
@@ -112,10 +157,14 @@ def _composite_tiles(
     n_pix = tile_size * tile_size
     counts = torch.bincount(tile_ids, minlength=n_tiles)
     starts = torch.cumsum(counts, 0) - counts
-    # Tiles sorted by load so that each batch pads its tiles to a similar Gaussian count.
+    # Tiles sorted by load, and a batch only takes tiles with at least half the Gaussians of its busiest one: every
+    # tile is padded to the batch's count, so this bounds the wasted work by 2x (unbounded, it was 4x on seeded scenes).
     busy = torch.argsort(counts, descending=True)
-    busy = busy[counts[busy] > 0].tolist()
-    counts_list = counts.tolist()
+    busy = busy[counts[busy] > 0]
+    busy_counts = counts[busy]
+    # first position in ``busy`` whose count is below half of each position's count (counts descend)
+    half_end = torch.searchsorted(-busy_counts, -((busy_counts + 1) // 2), right=True).tolist()
+    busy, counts_list = busy.tolist(), counts.tolist()
     local_y, local_x = torch.meshgrid(
         torch.arange(tile_size, device=device), torch.arange(tile_size, device=device), indexing="ij"
     )
@@ -128,7 +177,7 @@ def _composite_tiles(
     i = 0
     while i < len(busy):
         k_max = counts_list[busy[i]]
-        n_batch = max(1, min(len(busy) - i, max_batch_elements // (n_pix * k_max)))
+        n_batch = max(1, min(half_end[i] - i, max_batch_elements // (n_pix * k_max)))
         tiles = torch.tensor(busy[i : i + n_batch], device=device)
         i += n_batch
 
@@ -139,25 +188,11 @@ def _composite_tiles(
 
         px = ((tiles % tile_width) * tile_size)[:, None] + local_x[None, :] + 0.5  # [B, P]
         py = ((tiles // tile_width) * tile_size)[:, None] + local_y[None, :] + 0.5
-        mean = means2d[gid]  # [B, K, 2]
-        opacity = torch.where(valid, opacities[gid], 0.0)[:, None]  # padding slots: alpha 0, skipped below
-        dx = mean[:, None, :, 0] - px[:, :, None]  # [B, P, K]
-        dy = mean[:, None, :, 1] - py[:, :, None]
-        if absgrad is not None:
-            dx, dy = _AbsGradTap.apply(dx, dy, gid, absgrad)
-        conic = conics[gid][:, None]  # [B, 1, K, 3]
-        sigma = 0.5 * (conic[..., 0] * dx * dx + conic[..., 2] * dy * dy) + conic[..., 1] * dx * dy
-        # sigma < 0 (not positive definite) is skipped; clamping first keeps exp finite for the backward pass
-        alpha = torch.clamp_max(opacity * torch.exp(-sigma.clamp_min(0.0)), _MAX_ALPHA)
-        alpha = torch.where((sigma >= 0) & (alpha >= _MIN_ALPHA), alpha, 0.0)
-        transmittance = torch.cumprod(1.0 - alpha, dim=-1)  # after each Gaussian
-        # The Gaussian that would end the pixel (T <= 1e-4 after it) and all behind it are left out.
-        alive = transmittance.detach() > _MIN_TRANSMITTANCE
-        before = torch.cat([torch.ones_like(transmittance[..., :1]), transmittance[..., :-1]], dim=-1)
-        weights = torch.where(alive, alpha * before, 0.0)  # [B, P, K]
+        opacity = torch.where(valid, opacities[gid], 0.0)  # padding slots: alpha 0, skipped
+        rgb, alpha = _CompositeBatch.apply(means2d[gid], conics[gid], opacity, colors[gid], px, py, gid, absgrad)
         out_tiles.append(tiles)
-        out_colors.append(torch.einsum("bpk,bkd->bpd", weights, colors[gid]))
-        out_alphas.append(weights.sum(-1, keepdim=True))
+        out_colors.append(rgb)
+        out_alphas.append(alpha)
 
     index = (torch.cat(out_tiles),)
     render = colors.new_zeros(n_tiles, n_pix, colors.shape[-1]).index_put(index, torch.cat(out_colors))
@@ -188,7 +223,7 @@ def rasterization_torch(
     eps2d: float = 0.3,
     sh_degree: Optional[int] = None,
     packed: bool = False,
-    tile_size: int = 16,
+    tile_size: int = 8,
     backgrounds: Optional[Tensor] = None,
     render_mode: Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"] = "RGB",
     absgrad: bool = False,
@@ -206,7 +241,9 @@ def rasterization_torch(
     ``opacities``, ``width``, ``height``, ``n_cameras``, ``tile_*`` and ``gaussian_ids = camera_ids = None``, which is
     what gsplat's densification strategies read.
 
-    ``max_batch_elements`` bounds the per-pixel work arrays (tile pixels x Gaussians per batch of tiles).
+    ``max_batch_elements`` bounds the per-pixel work arrays (tile pixels x Gaussians per batch of tiles). The image
+    does not depend on ``tile_size``; gsplat's CUDA kernels use 16, but here 8 px tiles do 2-5x less per-pixel work
+    (measured on 2 CPU cores: 128 px seeded scene and 100 px random start 2x faster than 16, 400 px 1.25x).
     """
     assert not packed, "only gsplat's unpacked layout is implemented (pass packed=False)"
     assert render_mode in ("RGB", "D", "ED", "RGB+D", "RGB+ED"), render_mode

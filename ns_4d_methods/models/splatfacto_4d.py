@@ -1,8 +1,10 @@
 """splatfacto-4d: deformable 3D Gaussians (canonical Gaussians + a deformation MLP over (x, t)).
 
-nerfstudio's splatfacto supplies the canonical Gaussians, their densification (gsplat's DefaultStrategy), losses and
-schedules; this model moves the Gaussians to the camera's time with :class:`DeformationField` before rasterizing,
-with ``gsplat.rasterization`` on CUDA and :func:`rasterization_torch` elsewhere.
+nerfstudio's splatfacto supplies the canonical Gaussians, their densification (gsplat's DefaultStrategy, or
+3DGS-MCMC's capped relocation with ``strategy="mcmc"``, or ``"auto"`` when there are seed points), losses and schedules; this model moves the Gaussians to the
+camera's time with :class:`DeformationField` before rasterizing, with ``gsplat.rasterization`` on CUDA and
+:func:`rasterization_torch` elsewhere. Seed points from the dataparser (``points3D_xyz``/``points3D_rgb``) place the
+canonical Gaussians, with their colours, on any device.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from gsplat import rendering
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.model_components.lib_bilagrid import color_correct
-from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 from torch import Tensor
 from torch.nn import Parameter
 
 from ns_4d_methods.fields.deformation_field import DeformationField
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
 from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
+from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice
 
 
 @dataclass
@@ -43,6 +46,29 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
     """Positional-encoding frequencies of time (Deformable-3DGS: 6 for synthetic scenes, 10 for real ones)."""
     deformation_warmup: int = 3000
     """Steps during which the Gaussians stay static and only the canonical scene is fitted (Deformable-3DGS: 3000)."""
+    strategy: Literal["default", "mcmc", "auto"] = "default"
+    """Densification. "default": splatfacto's (gsplat's DefaultStrategy: clone, split and prune by screen-space
+    gradients; no cap, so the step time grows with the count). "mcmc": 3DGS-MCMC (gsplat's MCMCStrategy: dead
+    Gaussians relocated onto live ones, 5 % added per refinement up to max_gs_num, position noise), on both
+    rasterizers. "auto": "mcmc" when the dataset gives seed points, "default" when the Gaussians start random: from a
+    random start in a box the object fills little of (D-NeRF), most Gaussians die together, relocation splits the
+    few live ones n ways and their opacity 1 - (1 - o)^(1/n) falls under the threshold too (jumpingjacks: all 7,751
+    dead by step 226). All use warmup_length, stop_split_at and refine_every."""
+    refine_pause_ratio: float = 1.0
+    """Scale of splatfacto's pause in densification after each opacity reset and at the start (one pass over the
+    training images + refine_every steps); compressed schedules scale it with the rest. Uncompressed in a 800-step
+    run, the first densification came at step 250 and pruned 4,765 of 5,000 random Gaussians still under
+    cull_alpha_thresh (jumpingjacks: 15.9 dB, an empty render)."""
+    mcmc_min_opacity: float = 0.005
+    """Opacity below which strategy "mcmc" relocates a Gaussian (3DGS-MCMC: 0.005)."""
+    max_gs_num: int = 1_000_000
+    """Cap on the number of Gaussians with strategy "mcmc" (MCMCStrategy's cap_max)."""
+    noise_lr: float = 5e5
+    """Position noise of strategy "mcmc", times the current learning rate of the means (MCMCStrategy's noise_lr)."""
+    mcmc_opacity_reg: float = 0.01
+    """Weight of the mean-opacity loss with strategy "mcmc" (3DGS-MCMC: 0.01)."""
+    mcmc_scale_reg: float = 0.01
+    """Weight of the mean-scale loss with strategy "mcmc" (3DGS-MCMC: 0.01)."""
 
 
 def _world_to_camera(camera_to_world: Tensor) -> Tensor:
@@ -64,11 +90,40 @@ class Splatfacto4DModel(SplatfactoModel):
     config: Splatfacto4DModelConfig
 
     def populate_modules(self) -> None:
+        # splatfacto moves seed colours to CUDA unconditionally: it gets the seed points without colours (it then
+        # starts from random colours) and the colours are set here, as splatfacto would set them.
+        seed_points = self.seed_points
+        seed_colors = None
+        if seed_points is not None and not self.config.random_init and len(seed_points[1]) > 0:
+            seed_colors = seed_points[1].float() / 255.0
+            self.seed_points = (seed_points[0], seed_points[1][:0])
         # splatfacto builds torchmetrics' LPIPS here, which downloads AlexNet weights at construction; LazyLPIPS takes
         # its place and loads only weights already on disk. splatfacto imports the class inside the method, so it is
         # swapped where it is imported from, for the duration of the call.
         with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
             super().populate_modules()
+        self.seed_points = seed_points
+        if seed_colors is not None:
+            with torch.no_grad():
+                if self.config.sh_degree > 0:
+                    self.features_dc.copy_(RGB2SH(seed_colors))
+                else:
+                    self.features_dc.copy_(torch.logit(seed_colors, eps=1e-10))
+        # splatfacto pauses densification for one pass over the training images (+ refine_every) after each
+        # opacity reset, and at the start; a compressed schedule compresses that pause too
+        self.strategy.pause_refine_after_reset = round(
+            self.strategy.pause_refine_after_reset * self.config.refine_pause_ratio
+        )
+        if self.uses_mcmc:
+            self.strategy = MCMCStrategyAnyDevice(
+                cap_max=self.config.max_gs_num,
+                noise_lr=self.config.noise_lr,
+                refine_start_iter=self.config.warmup_length,
+                refine_stop_iter=self.config.stop_split_at,
+                refine_every=self.config.refine_every,
+                min_opacity=self.config.mcmc_min_opacity,
+            )
+            self.strategy_state = self.strategy.initialize_state()
         self.deformation_field = DeformationField(
             num_layers=self.config.deformation_num_layers,
             layer_width=self.config.deformation_layer_width,
@@ -80,6 +135,35 @@ class Splatfacto4DModel(SplatfactoModel):
         groups = super().get_param_groups()
         groups["deformation"] = list(self.deformation_field.parameters())
         return groups
+
+    @property
+    def uses_mcmc(self) -> bool:
+        """Whether densification is 3DGS-MCMC's (``strategy``, with "auto" resolved by the seed points)."""
+        if self.config.strategy == "auto":
+            return self.seed_points is not None and not self.config.random_init and len(self.seed_points[0]) > 0
+        return self.config.strategy == "mcmc"
+
+    def step_post_backward(self, step: int) -> None:
+        if not isinstance(self.strategy, MCMCStrategyAnyDevice):
+            super().step_post_backward(step)
+            return
+        assert step == self.step
+        self.strategy.step_post_backward(
+            params=self.gauss_params,
+            optimizers=self.optimizers,
+            state=self.strategy_state,
+            step=step,
+            info=self.info,
+            lr=self.optimizers["means"].param_groups[0]["lr"],
+        )
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        """splatfacto's losses, plus 3DGS-MCMC's opacity and scale regularisers under strategy "mcmc"."""
+        losses = super().get_loss_dict(outputs, batch, metrics_dict)
+        if self.uses_mcmc and self.training:
+            losses["mcmc_opacity_reg"] = self.config.mcmc_opacity_reg * torch.sigmoid(self.opacities).mean()
+            losses["mcmc_scale_reg"] = self.config.mcmc_scale_reg * torch.exp(self.scales).mean()
+        return losses
 
     def deform(self, time: float) -> Tuple[Tensor, Tensor, Tensor]:
         """Centres [N, 3], quaternions [N, 4] and log-scales [N, 3] of all Gaussians at ``time``."""

@@ -1,29 +1,19 @@
 """Reconstruction benchmark on the D-NeRF "jumpingjacks" scene: test-split PSNR/SSIM and training speed.
 
 Trains nerfacto-4d, splatfacto-4d and nerfstudio's static nerfacto (the floor: it cannot model motion) for the same
-number of iterations at the same image resolution, then evaluates every test image.
+number of iterations at the same image resolution, then evaluates every test image. Then, at equal wall-clock time:
+nerfstudio's ``nerfacto`` and ``dnerf`` (D-NeRF: vanilla NeRF with a deformation MLP, nerfstudio's own method) each
+train for as long as splatfacto-4d's training took, however many steps that is.
 
     python tests/benchmarks/reconstruction.py --steps 800 --scale 0.25 --rays 1024 --small-grids   # CPU-sized
     python tests/benchmarks/reconstruction.py --steps 3000 --scale 0.5          # on a GPU
 
-splatfacto-4d's schedule is written in steps of its full training (``max_num_iterations``, 30k). Under a shorter
-budget of ``steps`` it would never leave its warmups (deformation from 3000, densification from 500, full resolution
-from 6000), so the benchmark compresses it by ``r = steps / max_num_iterations``: the step at which each phase starts
-or stops (deformation warmup, densification start/stop and post-reset pause, screen-size culling stop, resolution and
-SH schedules) is multiplied by ``r``. Three things are not compressed, each because compressing it broke training
-(measured at 50 px):
-
-- the learning rates follow their own schedules, so a short budget sees the start of the full decay, as any run
-  stopped early would. With the deformation lr's 500x decay compressed into the budget the MLP barely moves the
-  Gaussians: 21.7 dB at 200 steps against 21.9 with no deformation at all; uncompressed, 800 steps reach 25.8 dB
-  against 22.0 with no deformation;
-- the densification interval ``refine_every`` is ``max(r * refine_every, MIN_REFINE_EVERY)`` views: screen-space
-  gradients are averaged over that many views before Gaussians are split, and with fewer every Gaussian of the
-  random start splits at each refinement (50k to 560k Gaussians by step 80);
-- the random start has ``--num-random`` Gaussians (5,000; splatfacto's 50,000 are meant for 800 px images), which
-  keeps the deformation MLP, run on every Gaussian each step, affordable on a CPU.
-
-The NeRFs run their own schedules unchanged. The compressed schedule is printed.
+splatfacto-4d runs with the defaults ``ns-train splatfacto-4d`` has on this machine (``splatfacto_4d.config``: the
+compact preset without CUDA, the full one with it), its schedule fitted to ``steps`` by the rule ``ns-train`` uses
+for the compact preset (``method_configs.splatfacto_4d.compress_schedule``); ``--splatfacto-strategy`` adds rows
+with other densification strategies, same schedule. splatfacto-4d's jumpingjacks has no points, so its Gaussians
+start random (``--num-random``, default the preset's). The NeRFs run their own schedules unchanged. nerfstudio's
+nerfacto and dnerf build torchmetrics' LPIPS, which downloads AlexNet weights; they get the package's offline one.
 
 Published full-resolution (800 px, full training) anchors on this scene: D-NeRF 32.80 dB, K-Planes 32.64,
 4DGS 35.42, Deformable-3DGS 37.72.
@@ -33,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 import time
 import unittest.mock
 from pathlib import Path
+from typing import Optional
 
 import torch
 from nerfstudio.configs.method_configs import method_configs
@@ -44,12 +36,14 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConf
 from nerfstudio.data.dataparsers.dnerf_dataparser import DNeRFDataParserConfig
 
 from method_configs.nerfacto_4d import nerfacto_4d
-from method_configs.splatfacto_4d import splatfacto_4d
+from method_configs.splatfacto_4d import compress_schedule, splatfacto_4d
 from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "dnerf_jumpingjacks_400"
-MIN_REFINE_EVERY = 25
-"""Fewest training views whose gradients splatfacto's densification averages (module docstring)."""
+
+
+class TimeUp(Exception):
+    """Raised by the training step that would start after the wall-clock budget."""
 
 
 def static_nerfacto():
@@ -71,26 +65,16 @@ def ground_truth(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def compress_schedule(config, steps: int) -> str:
-    """splatfacto-4d's schedule fitted to ``steps`` in place (module docstring); returns it as a line of text."""
-    ratio = steps / config.max_num_iterations
-    model = config.pipeline.model
-    fields = ("deformation_warmup", "warmup_length", "stop_split_at", "stop_screen_size_at", "resolution_schedule")
-    for name in (*fields, "sh_degree_interval"):
-        setattr(model, name, max(1, round(getattr(model, name) * ratio)))
-    model.refine_every = max(MIN_REFINE_EVERY, round(model.refine_every * ratio))
-    return ", ".join(f"{name} {getattr(model, name)}" for name in (*fields, "sh_degree_interval", "refine_every"))
-
-
-def run(name: str, config, steps: int, scale: float, out: Path, device: str, compressed: bool = False):
+def run(name: str, config, steps: int, scale: float, out: Path, device: str, seconds: Optional[float] = None):
+    """Trains ``steps`` steps, or as many as fit in ``seconds`` of training; (PSNR, SSIM, it/s, test images, steps
+    done, training seconds, CPU seconds of training)."""
     config = copy.deepcopy(config)
-    full_steps = config.max_num_iterations
     config.method_name = name
     config.output_dir = out
     config.vis = "tensorboard"
-    config.max_num_iterations = steps
-    config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = steps + 1
-    config.steps_per_save = steps + 1
+    config.max_num_iterations = steps if seconds is None else 10**7
+    config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**8
+    config.steps_per_save = 10**8
     config.machine.device_type = device
     config.pipeline.datamanager.data = DATA
     config.pipeline.datamanager.camera_res_scale_factor = scale
@@ -99,25 +83,37 @@ def run(name: str, config, steps: int, scale: float, out: Path, device: str, com
     with unittest.mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
         trainer = config.setup(local_rank=0, world_size=1)
         trainer.setup()
-    if compressed:
-        # splatfacto sets the pause after an opacity reset to an epoch plus a refine interval, in its populate_modules
-        strategy = trainer.pipeline.model.strategy
-        strategy.pause_refine_after_reset = round(strategy.pause_refine_after_reset * steps / full_steps)
-    start = time.perf_counter()
-    trainer.train()
+    done = 0
+    step_fn = trainer.train_iteration
+
+    def train_iteration(step: int):
+        nonlocal done
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            raise TimeUp
+        result = step_fn(step)
+        done += 1
+        return result
+
+    trainer.train_iteration = train_iteration
+    cpu_start, start = time.process_time(), time.perf_counter()
+    try:
+        trainer.train()
+    except TimeUp:
+        pass
     if device == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     trainer.pipeline.eval()
     pipeline = trainer.pipeline
     psnr, ssim = [], []
     with torch.no_grad():
         for camera, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
             outputs = pipeline.model.get_outputs_for_camera(camera)
-            metrics = image_metrics(ground_truth(batch["image"]).to(outputs["rgb"].device), outputs["rgb"], None)
+            rgb = outputs["rgb"] if "rgb" in outputs else outputs["rgb_fine"]  # nerfstudio's dnerf: coarse + fine
+            metrics = image_metrics(ground_truth(batch["image"]).to(rgb.device), rgb, None)
             psnr.append(float(metrics["psnr"]))
             ssim.append(float(metrics["ssim"]))
-    return sum(psnr) / len(psnr), sum(ssim) / len(ssim), steps / elapsed, len(psnr)
+    return sum(psnr) / len(psnr), sum(ssim) / len(ssim), done / elapsed, len(psnr), done, elapsed, cpu
 
 
 def main() -> None:
@@ -126,42 +122,73 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.25, help="image scale of the 400 px scene")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=["nerfacto", "nerfacto-4d", "splatfacto-4d"])
-    parser.add_argument("--rays", type=int, default=4096, help="rays per training batch for both NeRFs")
-    parser.add_argument("--num-random", type=int, default=5000, help="random initial Gaussians of splatfacto-4d")
+    parser.add_argument("--rays", type=int, default=4096, help="rays per training batch for the NeRFs")
+    parser.add_argument("--num-random", type=int, help="random initial Gaussians of splatfacto-4d (default: preset's)")
     parser.add_argument("--small-grids", action="store_true", help="12-level 2^15 hash grids for both NeRFs (CPU)")
+    parser.add_argument(
+        "--splatfacto-strategy", nargs="*", default=[], choices=["default", "mcmc"],
+        help="extra splatfacto-4d rows with these densification strategies",
+    )
+    parser.add_argument(
+        "--equal-time", nargs="*", default=["nerfacto", "dnerf"], choices=["nerfacto", "dnerf", "nerfacto-4d"],
+        help="methods trained for splatfacto-4d's training time (needs splatfacto-4d in --methods)",
+    )
     args = parser.parse_args()
-    configs = {
-        "nerfacto": static_nerfacto(),
-        "nerfacto-4d": nerfacto_4d.config,
-        "splatfacto-4d": copy.deepcopy(splatfacto_4d.config),
-    }
-    for name in ("nerfacto", "nerfacto-4d"):
+    splatfacto = copy.deepcopy(splatfacto_4d.config)
+    compress_schedule(splatfacto, args.steps)
+    model = splatfacto.pipeline.model
+    if args.num_random is not None:
+        model.num_random = args.num_random
+    dnerf = copy.deepcopy(method_configs["dnerf"])
+    configs = {"nerfacto": static_nerfacto(), "nerfacto-4d": nerfacto_4d.config, "splatfacto-4d": splatfacto, "dnerf": dnerf}
+    for name in ("nerfacto", "nerfacto-4d", "dnerf"):
         configs[name].pipeline.datamanager.train_num_rays_per_batch = args.rays
     if args.small_grids:
         for name in ("nerfacto", "nerfacto-4d"):
-            model = configs[name].pipeline.model
-            model.num_levels, model.log2_hashmap_size = 12, 15
+            grid = configs[name].pipeline.model
+            grid.num_levels, grid.log2_hashmap_size = 12, 15
             if name == "nerfacto-4d":
-                model.log2_hashmap_size_4d = 15
-    schedule = compress_schedule(configs["splatfacto-4d"], args.steps)
-    configs["splatfacto-4d"].pipeline.model.num_random = args.num_random
+                grid.log2_hashmap_size_4d = 15
+    runs = [(name, configs[name]) for name in args.methods]
+    for strategy in args.splatfacto_strategy:
+        variant = copy.deepcopy(splatfacto)
+        variant.pipeline.model.strategy = strategy
+        runs.append((f"splatfacto-4d ({strategy})", variant))
     rows = []
+    load = [os.getloadavg()[0]]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.methods:
+        for name, config in runs:
             torch.manual_seed(0)
-            compressed = name == "splatfacto-4d"
-            rows.append((name, *run(name, configs[name], args.steps, args.scale, Path(tmp), args.device, compressed)))
+            rows.append((name, *run(name.split(" ")[0], config, args.steps, args.scale, Path(tmp), args.device)))
+            load.append(os.getloadavg()[0])
+            print("ROW", rows[-1], flush=True)
+        budget = next((row[6] for row in rows if row[0] == "splatfacto-4d"), None)
+        if budget is not None:
+            for name in args.equal_time:
+                torch.manual_seed(0)
+                result = run(name, configs[name], args.steps, args.scale, Path(tmp), args.device, seconds=budget)
+                rows.append((f"{name} (equal time)", *result))
+                load.append(os.getloadavg()[0])
+                print("ROW", rows[-1], flush=True)
     minutes = (time.perf_counter() - start) / 60
     res = int(400 * args.scale)
     grids = ", 12-level 2^15 hash grids" if args.small_grids else ""
     print(f"\nD-NeRF jumpingjacks, {res}x{res} px, {args.steps} iterations of {args.rays} rays (NeRFs){grids}, device {args.device}")
-    ratio = args.steps / configs["splatfacto-4d"].max_num_iterations
-    print(f"splatfacto-4d schedule compressed x{ratio:.4g}: {schedule}, {args.num_random} random initial Gaussians")
-    print(f"wall time {minutes:.1f} min (training and evaluation)")
-    print("| method | test PSNR (dB) | test SSIM | it/s | test images |\n|---|---|---|---|---|")
-    for name, psnr, ssim, its, n in rows:
-        print(f"| {name} | {psnr:.2f} | {ssim:.4f} | {its:.2f} | {n} |")
+    strategy = f"strategy {model.strategy}" + (f" capped at {model.max_gs_num}" if model.strategy == "mcmc" else "")
+    print(
+        f"splatfacto-4d: {strategy}, schedule fitted to {args.steps} steps (deformation warm-up {model.deformation_warmup}, "
+        f"densification {model.warmup_length}-{model.stop_split_at} every {model.refine_every}, SH every "
+        f"{model.sh_degree_interval}), {model.num_random} random initial Gaussians, deformation MLP "
+        f"{model.deformation_num_layers}x{model.deformation_layer_width}"
+    )
+    if budget is not None:
+        print(f"equal time: {budget:.0f} s of training each (splatfacto-4d's)")
+    print(f"wall time {minutes:.1f} min (training and evaluation); 1-min load average " + ", ".join(f"{x:.1f}" for x in load))
+    print("| method | test PSNR (dB) | test SSIM | steps | training (s) | it/s | CPU s/step | test images |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, psnr, ssim, its, n, done, elapsed, cpu in rows:
+        print(f"| {name} | {psnr:.2f} | {ssim:.4f} | {done} | {elapsed:.0f} | {its:.2f} | {cpu / max(done, 1):.3f} | {n} |")
 
 
 if __name__ == "__main__":

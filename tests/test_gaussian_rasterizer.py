@@ -1,7 +1,10 @@
-"""The pure-PyTorch Gaussian rasterizer: analytic single-Gaussian images, compositing order, gradients, shapes, the
-same result for every tile size and batching, and agreement with gsplat's CUDA rasterizer when a GPU is present."""
+"""The CPU Gaussian rasterizer: analytic single-Gaussian images, compositing order, gradients, shapes, the same result
+for every tile size and batching, the compiled (numba) compositing equal to the PyTorch one, and agreement with
+gsplat's CUDA rasterizer when a GPU is present."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -32,7 +35,11 @@ def _random_gaussians(n: int, seed: int = 0, device: str = "cpu"):
     return [t.to(device) for t in (means, quats, scales, opacities, sh)]
 
 
-def test_single_gaussian_peak_and_analytic_falloff():
+BOTH = pytest.mark.parametrize("compiled", [False, True], ids=["pytorch", "compiled"])
+
+
+@BOTH
+def test_single_gaussian_peak_and_analytic_falloff(compiled):
     # Centre projects to the pixel centre (42.5, 17.5): column 42, row 17.
     z = 2.0
     x, y = (42.5 - CX) * z / FX, (17.5 - CY) * z / FY
@@ -48,6 +55,7 @@ def test_single_gaussian_peak_and_analytic_falloff():
         Ks,
         W,
         H,
+        compiled=compiled,
     )
     alpha = alpha[0, ..., 0]
     row, col = divmod(int(alpha.argmax()), W)
@@ -67,7 +75,8 @@ def test_single_gaussian_peak_and_analytic_falloff():
     assert torch.allclose(rgb[0], expected[..., None] * color, atol=1e-6)
 
 
-def test_two_gaussians_composite_front_to_back():
+@BOTH
+def test_two_gaussians_composite_front_to_back(compiled):
     viewmats, Ks = _camera()
     centre = [(40.5 - CX) / FX, (20.5 - CY) / FY]  # at z = 1; scaled per depth below
     red, green = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
@@ -80,7 +89,8 @@ def test_two_gaussians_composite_front_to_back():
         means = torch.tensor([[centre[0] * z, centre[1] * z, z] for z in zs])
         scales = torch.tensor([[0.3 * z] * 3 for z in zs])  # same footprint on screen
         rgb, alpha, _ = rasterization_torch(
-            means, _identity_quats(2), scales, opacities, colors, viewmats, Ks, W, H, backgrounds=torch.ones(1, 3)
+            means, _identity_quats(2), scales, opacities, colors, viewmats, Ks, W, H, backgrounds=torch.ones(1, 3),
+            compiled=compiled,
         )
         return rgb[0, 20, 40], alpha[0, 20, 40, 0]
 
@@ -94,7 +104,8 @@ def test_two_gaussians_composite_front_to_back():
     assert torch.allclose(rgb, torch.tensor([0.3 * 0.6 + t, 0.7 + t, t]), atol=1e-5)
 
 
-def test_transmittance_cutoff_excludes_the_gaussian_that_ends_the_pixel():
+@BOTH
+def test_transmittance_cutoff_excludes_the_gaussian_that_ends_the_pixel(compiled):
     # gsplat stops before a Gaussian whose alpha would take T to <= 1e-4: behind an alpha-0.999 splat
     # (T = 1e-3), a second 0.999 splat (T would be 1e-6) is skipped entirely.
     viewmats, Ks = _camera()
@@ -102,7 +113,7 @@ def test_transmittance_cutoff_excludes_the_gaussian_that_ends_the_pixel():
     scales = torch.tensor([[0.5] * 3, [0.75] * 3])
     colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     rgb, alpha, _ = rasterization_torch(
-        means, _identity_quats(2), scales, torch.ones(2), colors, viewmats, Ks, W, H
+        means, _identity_quats(2), scales, torch.ones(2), colors, viewmats, Ks, W, H, compiled=compiled
     )
     assert torch.allclose(rgb[0, 23, 31], torch.tensor([0.999, 0.0, 0.0]), atol=1e-5)
     assert alpha[0, 23, 31, 0] == pytest.approx(0.999, abs=1e-6)
@@ -196,20 +207,77 @@ def test_compositing_backward_matches_autograd():
 def test_tile_size_and_batching_change_neither_image_nor_gradients():
     # 8 px tiles (the default) and load-grouped batches do less work than gsplat's 16 px tiles; the result is the same
     results = {}
-    for tile_size, max_batch_elements in ((16, 1 << 22), (8, 1 << 22), (4, 1 << 22), (8, 5000)):
+    for tile_size, max_batch_elements, compiled in (
+        (16, 1 << 22, False), (8, 1 << 22, False), (4, 1 << 22, False), (8, 5000, False), (16, 0, True), (8, 0, True)
+    ):
         params = [p.requires_grad_(True) for p in _random_gaussians(400, seed=5)]
         means, quats, scales, opacities, sh = params
         viewmats, Ks = _camera()
         rgb, alpha, _ = rasterization_torch(
             means, quats, scales, opacities, sh, viewmats, Ks, W, H, sh_degree=1, tile_size=tile_size,
-            max_batch_elements=max_batch_elements,
+            max_batch_elements=max_batch_elements, compiled=compiled,
         )
         (rgb.square().sum() + alpha.sum()).backward()
-        results[tile_size, max_batch_elements] = [rgb, alpha] + [p.grad for p in params]
-    reference = results[16, 1 << 22]
+        results[tile_size, max_batch_elements, compiled] = [rgb, alpha] + [p.grad for p in params]
+    reference = results[16, 1 << 22, False]
     for key, outputs in results.items():
         for name, a, b in zip(["rgb", "alpha", "means", "quats", "scales", "opacities", "sh"], outputs, reference):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (key, name, float((a - b).abs().max()))
+
+
+def _render_with_gradients(compiled: bool, n: int = 600, seed: int = 7, **kwargs):
+    params = [p.requires_grad_(True) for p in _random_gaussians(n, seed=seed)]
+    means, quats, scales, opacities, sh = params
+    viewmats, Ks = _camera(2)
+    viewmats[1, 1, 3] = -0.3  # second camera shifted up
+    rgb, alpha, info = rasterization_torch(
+        means, quats, scales, opacities, sh, viewmats, Ks, W, H, sh_degree=1, absgrad=True, render_mode="RGB+ED",
+        backgrounds=torch.full((2, 3), 0.2), compiled=compiled, **kwargs
+    )
+    info["means2d"].retain_grad()
+    target = torch.rand_like(rgb, generator=torch.Generator().manual_seed(seed))
+    ((rgb - target) ** 2).sum().add(alpha.sum()).backward()
+    grads = [p.grad for p in params] + [info["means2d"].grad, info["means2d"].absgrad]
+    return [rgb.detach(), alpha.detach()] + grads
+
+
+def test_compiled_compositing_equals_pytorch_images_and_gradients():
+    # Opaque Gaussians (opacity near 1) end pixels early, where the compiled kernels stop and PyTorch masks.
+    torch_out, compiled_out = _render_with_gradients(False), _render_with_gradients(True)
+    names = ["rgb", "alpha", "means", "quats", "scales", "opacities", "sh", "means2d", "absgrad"]
+    for name, a, b in zip(names, torch_out, compiled_out):
+        scale = float(a.abs().max())
+        assert scale > 0, name
+        # float32 sums in a different order: 5e-5 of the largest entry (measured up to 1.1e-5)
+        assert torch.allclose(a, b, atol=5e-5 * scale, rtol=0), (name, float((a - b).abs().max()) / scale)
+    assert (torch_out[1] > 0.999).any()  # some pixels did end early
+
+
+def test_compiled_compositing_with_nothing_in_view_and_from_two_threads():
+    means, quats, scales, opacities, sh = _random_gaussians(50)
+    means = (means * torch.tensor([1.0, 1.0, -1.0])).requires_grad_(True)  # all behind the camera
+    viewmats, Ks = _camera()
+    rgb, alpha, _ = rasterization_torch(
+        means, quats, scales, opacities, sh, viewmats, Ks, W, H, sh_degree=1, backgrounds=torch.ones(1, 3)
+    )
+    assert torch.equal(rgb, torch.ones_like(rgb)) and torch.equal(alpha, torch.zeros_like(alpha))
+    rgb.sum().backward()  # still in the graph, as gsplat's outputs are
+    assert torch.equal(means.grad, torch.zeros_like(means))
+
+    # The viewer renders from its own thread while training renders: concurrent calls must neither crash nor mix.
+    expected = _render_with_gradients(True, n=300)
+    results = [None] * 4
+
+    def worker(i):
+        results[i] = _render_with_gradients(True, n=300)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for result in results:
+        assert all(torch.equal(a, b) for a, b in zip(result, expected))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's rasterizer needs CUDA")

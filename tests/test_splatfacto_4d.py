@@ -183,6 +183,27 @@ def test_auto_strategy_is_mcmc_only_from_seed_points():
     assert not isinstance(random.strategy, MCMCStrategyAnyDevice) and not random.uses_mcmc
 
 
+def test_static_warmup_applies_to_random_starts_and_optionally_to_seed_points():
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    points = (torch.rand(40, 3) - 0.5, torch.zeros(40, 3, dtype=torch.uint8))
+    moved = {}
+    for with_points in (True, False):
+        config = Splatfacto4DModelConfig(deformation_num_layers=2, deformation_layer_width=16, rasterizer="torch",
+                                         num_random=50, deformation_warmup=100,
+                                         deformation_warmup_with_points=with_points)
+        for name, seeds in (("points", points), ("random", None)):
+            model = config.setup(scene_box=box, num_train_data=1, seed_points=seeds)
+            with torch.no_grad():  # a deformation that moves every Gaussian
+                model.deformation_field.head.bias.copy_(torch.tensor([0.1, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+            model.step = 0
+            means, _, _ = model.deform(0.5)
+            moved[with_points, name] = not torch.equal(means, model.means)
+            assert model.deformation_warmup == (0 if (name, with_points) == ("points", False) else 100)
+            model.step = 100
+            assert not torch.equal(model.deform(0.5)[0], model.means)  # after the warm-up it always moves
+    assert moved == {(True, "points"): False, (True, "random"): False, (False, "points"): True, (False, "random"): False}
+
+
 def test_mcmc_with_every_gaussian_dead_stops_with_a_clear_error(model):
     model.config.strategy, model.config.warmup_length, model.config.refine_every = "mcmc", 0, 2
     model.populate_modules()
@@ -215,11 +236,14 @@ def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
     assert (model.deformation_warmup, model.warmup_length, model.refine_every, model.stop_split_at) == (3000, 500, 100, 15000)
     assert (model.num_downscales, model.resolution_schedule, model.sh_degree_interval) == (2, 3000, 1000)
     assert (model.deformation_num_layers, model.deformation_layer_width, model.cull_alpha_thresh) == (8, 256, 0.1)
+    assert model.deformation_warmup_with_points
     # compact: the same phases at a tenth, bounded Gaussians
     model = compact.pipeline.model
     assert compact.max_num_iterations == 3000 and model.strategy == "auto" and model.max_gs_num == 10000
     assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (50, 1500, 100, 25)
     assert model.deformation_warmup == 300 and model.num_downscales == 0 and model.refine_pause_ratio == 0.1
+    assert (model.deformation_num_layers, model.deformation_layer_width) == (6, 112)
+    assert not model.deformation_warmup_with_points
     for name, group in compact.optimizers.items():  # learning rates keep their full-length schedules
         scheduler = group["scheduler"]
         assert scheduler is None or scheduler.max_steps == 30000, name

@@ -91,8 +91,6 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
         sys.executable, "-m", "nerfstudio.scripts.train", "splatfacto-4d",
         "--output-dir", str(tmp_path / "out"), "--max-num-iterations", "150",
         "--viewer.websocket-port", str(port), "--viewer.quit-on-train-completion", "False",
-        # the compact preset keeps the deformation still for its first 300 steps; this run has 150
-        "--pipeline.model.deformation-warmup", "0",
         "--data", str(scene),
     ]
     started = time.time()

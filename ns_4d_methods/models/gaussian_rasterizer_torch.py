@@ -1,4 +1,4 @@
-"""Differentiable Gaussian rasterization in pure PyTorch, for machines without CUDA.
+"""Differentiable Gaussian rasterization without CUDA: PyTorch, with the compositing compiled by numba on CPUs.
 
 gsplat 1.4.0's ``rasterization`` needs its CUDA extension (even its ``_rasterization`` reference calls it for tile
 intersection). This module assembles the same computation from gsplat's pure-PyTorch pieces in
@@ -11,9 +11,12 @@ compositing written here, following gsplat's CUDA kernels' conventions:
 - a pixel stops before the Gaussian that would take its transmittance to ``<= 1e-4`` (that one is excluded);
 - ``render = sum_i alpha_i T_i c_i + T background``, ``render_alpha = 1 - T``.
 
-Autograd gives the backward pass, except through the compositing, whose backward is written out
-(:class:`_CompositeBatch`). Memory is bounded: the per-pixel work is done tile batch by tile batch on
-``[tiles, tile pixels, Gaussians in the tile]`` arrays, never ``[pixels, all Gaussians]``.
+Autograd gives the backward pass, except through the compositing, whose backward is written out. On CPU tensors the
+compositing runs in numba kernels (:mod:`ns_4d_methods.models.compositing_compiled`) that stop each pixel where it
+becomes opaque, as gsplat's CUDA kernels do; elsewhere (MPS) it runs as PyTorch tile batches
+(:class:`_CompositeBatch`), whose memory is bounded: the per-pixel work is done on ``[tiles, tile pixels, Gaussians
+in the tile]`` arrays, never ``[pixels, all Gaussians]``. Sample scene, 10,000 trained Gaussians, 128 px, 2 cores:
+292 ms a training step with the PyTorch tile batches, 168 ms with the compiled compositing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 from torch import Tensor
 from typing_extensions import Literal
+
+from ns_4d_methods.models.compositing_compiled import composite_compiled
 
 _MIN_ALPHA = 1.0 / 255.0
 _MAX_ALPHA = 0.999
@@ -230,6 +235,7 @@ def rasterization_torch(
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     camera_model: Literal["pinhole", "ortho", "fisheye"] = "pinhole",
     max_batch_elements: int = 1 << 22,
+    compiled: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Dict]:
     """``gsplat.rasterization`` (1.4.0) on any device, for the arguments that splatfacto uses.
 
@@ -244,6 +250,10 @@ def rasterization_torch(
     ``max_batch_elements`` bounds the per-pixel work arrays (tile pixels x Gaussians per batch of tiles). The image
     does not depend on ``tile_size``; gsplat's CUDA kernels use 16, but here 8 px tiles do 2-5x less per-pixel work
     (measured on 2 CPU cores: 128 px seeded scene and 100 px random start 2x faster than 16, 400 px 1.25x).
+
+    ``compiled`` (default: on CPU tensors) composites with the numba kernels of
+    :mod:`ns_4d_methods.models.compositing_compiled`, which stop each pixel where it becomes opaque instead of
+    evaluating every Gaussian of its tile; other devices (MPS) use the PyTorch tile batches.
     """
     assert not packed, "only gsplat's unpacked layout is implemented (pass packed=False)"
     assert render_mode in ("RGB", "D", "ED", "RGB+D", "RGB+ED"), render_mode
@@ -285,6 +295,8 @@ def rasterization_torch(
         if backgrounds is not None:
             backgrounds = backgrounds.new_zeros(c, 1)
 
+    if compiled is None:
+        compiled = means.device.type == "cpu"
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     absgrads = means2d.new_zeros(c, n, 2) if absgrad else None
     render_colors, render_alphas = [], []
@@ -299,19 +311,12 @@ def rasterization_torch(
             tile_width,
             tile_height,
         )
-        tiles_rgb, tiles_alpha = _composite_tiles(
-            tile_ids,
-            gaussian_ids,
-            means2d[cam],
-            conics[cam],
-            opacities[cam],
-            colors[cam],
-            tile_size,
-            tile_width,
-            tile_width * tile_height,
-            None if absgrads is None else absgrads[cam],
-            max_batch_elements,
-        )
+        inputs = (tile_ids, gaussian_ids, means2d[cam], conics[cam], opacities[cam], colors[cam], tile_size, tile_width)
+        absgrad_cam = None if absgrads is None else absgrads[cam]
+        if compiled:
+            tiles_rgb, tiles_alpha = composite_compiled(*inputs, tile_width * tile_height, absgrad_cam)
+        else:
+            tiles_rgb, tiles_alpha = _composite_tiles(*inputs, tile_width * tile_height, absgrad_cam, max_batch_elements)
         rgb = _untile(tiles_rgb, tile_size, tile_width, tile_height, width, height)
         alpha = _untile(tiles_alpha, tile_size, tile_width, tile_height, width, height)
         if backgrounds is not None:

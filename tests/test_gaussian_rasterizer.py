@@ -253,6 +253,24 @@ def test_compiled_compositing_equals_pytorch_images_and_gradients():
     assert (torch_out[1] > 0.999).any()  # some pixels did end early
 
 
+def test_compiled_compositing_splits_pixels_between_threads_without_changing_results():
+    # each numba thread takes every n-th pixel of every tile and keeps its own per-pair gradients: images are the
+    # same bit for bit, gradients up to the order of the final sums
+    import numba
+
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _render_with_gradients(True)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = _render_with_gradients(True)
+    finally:
+        numba.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    for a, b in zip(one[2:], many[2:]):
+        assert torch.allclose(a, b, atol=1e-6 * float(a.abs().max()), rtol=0)
+
+
 def test_compiled_compositing_with_nothing_in_view_and_from_two_threads():
     means, quats, scales, opacities, sh = _random_gaussians(50)
     means = (means * torch.tensor([1.0, 1.0, -1.0])).requires_grad_(True)  # all behind the camera

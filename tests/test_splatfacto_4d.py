@@ -240,6 +240,7 @@ def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
     # compact: the same phases at a tenth, bounded Gaussians
     model = compact.pipeline.model
     assert compact.max_num_iterations == 3000 and model.strategy == "auto" and model.max_gs_num == 10000
+    assert model.num_random == 10000  # a random start begins with the cap's worth of Gaussians
     assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (50, 1500, 100, 25)
     assert model.deformation_warmup == 300 and model.num_downscales == 0 and model.refine_pause_ratio == 0.1
     assert (model.deformation_num_layers, model.deformation_layer_width) == (6, 112)

@@ -115,12 +115,13 @@ class Splatfacto4DModel(SplatfactoModel):
                     self.features_dc.copy_(RGB2SH(seed_colors))
                 else:
                     self.features_dc.copy_(torch.logit(seed_colors, eps=1e-10))
-        # splatfacto pauses densification for one pass over the training images (+ refine_every) after each
-        # opacity reset, and at the start; a compressed schedule compresses that pause too
-        self.strategy.pause_refine_after_reset = round(
-            self.strategy.pause_refine_after_reset * self.config.refine_pause_ratio
-        )
-        if self.uses_mcmc:
+        if not self.uses_mcmc:
+            # splatfacto pauses densification for one pass over the training images (+ refine_every) after each
+            # opacity reset, and at the start; a compressed schedule compresses that pause too
+            self.strategy.pause_refine_after_reset = round(
+                self.strategy.pause_refine_after_reset * self.config.refine_pause_ratio
+            )
+        else:
             self.strategy = MCMCStrategyAnyDevice(
                 cap_max=self.config.max_gs_num,
                 noise_lr=self.config.noise_lr,
@@ -164,7 +165,7 @@ class Splatfacto4DModel(SplatfactoModel):
         return self.config.deformation_warmup
 
     def step_post_backward(self, step: int) -> None:
-        if not isinstance(self.strategy, MCMCStrategyAnyDevice):
+        if not self.uses_mcmc:
             super().step_post_backward(step)
             return
         assert step == self.step

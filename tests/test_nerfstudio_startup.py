@@ -1,0 +1,49 @@
+"""The start-up patches keep nerfstudio's and viser's behaviour (ns_4d_methods/nerfstudio_startup.py)."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+import method_configs  # noqa: F401  (applies the patches, as nerfstudio's plugin discovery does)
+from ns_4d_methods.nerfstudio_startup import speed_up_startup
+
+
+def test_placeholders_stay_quiet_when_listed_and_offer_install_when_chosen(monkeypatch):
+    from nerfstudio.configs import external_methods as em
+
+    patched = em.ExternalMethodDummyTrainerConfig.__post_init__
+    assert getattr(patched, "_ns4d_patched", False)
+    speed_up_startup()  # idempotent: not wrapped twice
+    assert em.ExternalMethodDummyTrainerConfig.__post_init__ is patched
+    method = em.ExternalMethod("instructions for the test", [("x", "y")], pip_package=None)
+    printed = []
+    monkeypatch.setattr(em.CONSOLE, "print", lambda *args, **kwargs: printed.append(args))
+
+    def get_external_methods():  # the caller name nerfstudio checks
+        return em.ExternalMethodDummyTrainerConfig(method_name="x", method=method)
+
+    get_external_methods()
+    assert printed == []
+
+    # built anywhere else (tyro instantiating the chosen method), nerfstudio's own __post_init__ runs: it prints the
+    # instructions and exits
+    with pytest.raises(SystemExit) as exit_info:
+        em.ExternalMethodDummyTrainerConfig(method_name="x", method=method)
+    assert exit_info.value.code == 0
+    assert printed == [("instructions for the test",)]
+
+
+def test_viser_icons_read_by_index_equal_the_tarball_members():
+    from viser import _gui_api, _gui_handles, _icons
+
+    assert _gui_api.svg_from_icon is _icons.svg_from_icon is _gui_handles.svg_from_icon
+    tarball = _icons.ICONS_DIR / "tabler-icons.tar"
+    with tarfile.open(tarball) as tar:
+        names = [member.name for member in tar.getmembers()[:2000:400]] + ["player-play.svg", "x.svg"]
+        for name in names:
+            expected = tar.extractfile(name).read().decode("utf-8")
+            assert _icons.svg_from_icon(name[: -len(".svg")]) == expected
+    with pytest.raises(KeyError):
+        _icons.svg_from_icon("no-such-icon")

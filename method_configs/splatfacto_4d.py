@@ -10,10 +10,11 @@ Its defaults follow the device, with two presets (``splatfacto_4d_config``); the
   except: images at full size (no resolution steps in the step time); 3DGS-MCMC densification capped at 10,000
   Gaussians when the dataset has points, so the step time stops growing at the cap, and splatfacto's uncapped one
   from 10,000 random Gaussians (the cap's worth) when it has none (strategy "auto": MCMC collapses from a random
-  start, see the field's docstring; D-NeRF jumpingjacks at 100 px, 800 steps, 4 seeds on one core each: 5,000
-  random Gaussians 25.12 dB on average over seeds 0-2 (24.82-25.35), 10,000 25.65 (25.51-25.81)); a deformation MLP of 6 layers 112 wide instead of 8 x 256 (the MLP is about half of a CPU
-  step: on the sample scene, 3,000 steps on one core each, 8 x 128 reached 25.41 dB in 908 CPU-s, 6 x 128 25.41 dB
-  in 796 s, 6 x 112 25.47 dB in 708 s, 6 x 96 25.03 dB in 645 s). The static warm-up (the first tenth) applies
+  start, see the field's docstring; D-NeRF jumpingjacks at 100 px, 800 steps, one core per run: 5,000 random
+  Gaussians 25.12 dB on average over seeds 0-2 (24.82-25.35), 10,000 25.65 over seeds 0-3 (25.51-25.81)); a
+  deformation MLP of 6 layers 112 wide instead of 8 x 256 (the MLP is about half of a CPU step: on the sample
+  scene, 3,000 steps on one core each, 8 x 128 reached 25.41 dB in 908 CPU-s, 6 x 128 25.41 dB in 796 s, 6 x 112
+  25.47 dB in 708 s, 6 x 96 25.03 dB in 645 s). The static warm-up (the first tenth) applies
   to random starts only: from a random start, a deformation trained from step 0 threw the Gaussians out of view
   and training stalled; from points it is not needed (8 x 128: 3,000 points with it 25.91 dB, 10,000 without
   25.41), and skipping it keeps every step at the same cost, so the ETA is right from the first steps.

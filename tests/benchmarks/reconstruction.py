@@ -14,7 +14,8 @@ for the compact preset (``method_configs.splatfacto_4d.compress_schedule``); ``-
 with other densification strategies, same schedule. splatfacto-4d's jumpingjacks has no points, so its Gaussians
 start random (``--num-random``, default the preset's). A single 800-step splatfacto-4d run moves by about 0.5 dB with
 the seed (and with the thread count, which changes float summation order): ``--seeds N`` reports the mean of N. The
-NeRFs run their own schedules unchanged. nerfstudio's nerfacto and dnerf build torchmetrics' LPIPS, which downloads AlexNet weights; they get the package's offline one.
+NeRFs run their own schedules unchanged. nerfstudio's nerfacto and dnerf build torchmetrics' LPIPS, which downloads
+AlexNet weights; they get the package's offline one.
 
 Published full-resolution (800 px, full training) anchors on this scene: D-NeRF 32.80 dB, K-Planes 32.64,
 4DGS 35.42, Deformable-3DGS 37.72.
@@ -200,7 +201,10 @@ def main() -> None:
     if budget is not None:
         print(f"equal time: {budget:.0f} s of training each (splatfacto-4d's)")
     print(f"wall time {minutes:.1f} min (training and evaluation); 1-min load average " + ", ".join(f"{x:.1f}" for x in load))
-    print("| method | test PSNR (dB) | test SSIM | steps | training (s) | it/s | CPU s/step | test images | runs (PSNR range) |")
+    print(
+        "| method | test PSNR (dB) | test SSIM | steps | training (s) | it/s | CPU s/step | test images "
+        "| runs (PSNR range) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, psnr, ssim, its, n, done, elapsed, cpu in rows:
         low, high, runs = spread.get(name, (psnr, psnr, 1))

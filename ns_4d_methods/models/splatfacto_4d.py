@@ -137,7 +137,7 @@ class Splatfacto4DModel(SplatfactoModel):
             position_frequencies=self.config.position_frequencies,
             time_frequencies=self.config.time_frequencies,
         )
-        if self.config.rasterizer == "torch" or (self.config.rasterizer == "auto" and not torch.cuda.is_available()):
+        if not self._uses_gsplat(on_cuda=torch.cuda.is_available()):
             load_kernels()  # the CPU rasterizer's compiled compositing, loaded now rather than in the first step
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -197,10 +197,12 @@ class Splatfacto4DModel(SplatfactoModel):
         d_means, d_quats, d_log_scales = self.deformation_field(means.detach(), times)
         return means + d_means, F.normalize(quats, dim=-1) + d_quats, log_scales + d_log_scales
 
+    def _uses_gsplat(self, on_cuda: bool) -> bool:
+        """Whether rendering goes through gsplat's CUDA rasterizer (``rasterizer``, "auto" resolved by the device)."""
+        return self.config.rasterizer == "gsplat" or (self.config.rasterizer == "auto" and on_cuda)
+
     def _rasterize(self, **kwargs):
-        use_gsplat = self.config.rasterizer == "gsplat" or (
-            self.config.rasterizer == "auto" and kwargs["means"].device.type == "cuda"
-        )
+        use_gsplat = self._uses_gsplat(on_cuda=kwargs["means"].device.type == "cuda")
         return (rendering.rasterization if use_gsplat else rasterization_torch)(**kwargs)
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:

@@ -1,7 +1,7 @@
 """nerfstudio's splatfacto for static scenes, rendered the way splatfacto-4d renders: ``gsplat.rasterization`` on
-CUDA, the CPU rasterizer (:func:`rasterization_torch`) elsewhere, and an LPIPS that never downloads. It is splatfacto-4d without the
-deformation network (its ``deformation_*`` settings are unused); splatfacto's Gaussians, densification, losses and
-learning rates are unchanged. ``unified-edit-static`` fits edited views of a static scene with it.
+CUDA, the CPU rasterizer (:func:`rasterization_torch`) elsewhere, and an LPIPS that never downloads. It is
+splatfacto-4d without the deformation network (its ``deformation_*`` settings are unused); splatfacto's Gaussians,
+densification, losses and learning rates are unchanged. ``unified-edit-static`` fits edited views of a static scene with it.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ checkpoint is then evaluated on the test split as ``ns-eval`` does (PSNR, SSIM),
 
 Targets on 2 CPU cores (issue #11): the whole run (all three commands) under 10 minutes, test PSNR at least 25 dB,
 the last step at most 3x the mean of the first 100, and an honest ETA (ours: from a tenth of the steps on, off the
-time actually left by at most a tenth of the training time). Other jobs on the machine slow the wall-clock figures, so the load average and the
-CPU time of ``ns-train`` (user + system, all threads) are printed beside them.
+time actually left by at most a tenth of the training time). Other jobs on the machine slow the wall-clock figures,
+so the load average and the CPU time of ``ns-train`` (user + system, all threads) are printed beside them.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
     print(f"| ns-train start-up (until step 0 is logged) | {wall - etas[min(etas)][1]:.1f} s |")
     print(f"| scene + training | {training_end / 60:.1f} min |")
     print(f"| whole run (scene + training + video) | {total / 60:.1f} min |")
-    print(f"| steps | {last_step + 1} |")
+    print(f"| steps | {steps_total} |")
     eta_steps = [min(etas)] + [min(etas, key=lambda s, q=q: abs(s - q * steps_total)) for q in (0.1, 0.5, 0.9)]
     for step in eta_steps:
         eta, left = etas[step]

@@ -207,8 +207,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, psnr, ssim, its, n, done, elapsed, cpu in rows:
-        low, high, runs = spread.get(name, (psnr, psnr, 1))
-        runs_text = f"{runs} ({low:.2f}-{high:.2f})" if runs > 1 else "1"
+        low, high, n_runs = spread.get(name, (psnr, psnr, 1))
+        runs_text = f"{n_runs} ({low:.2f}-{high:.2f})" if n_runs > 1 else "1"
         print(
             f"| {name} | {psnr:.2f} | {ssim:.4f} | {done} | {elapsed:.0f} | {its:.2f} | {cpu / max(done, 1):.3f} | {n} "
             f"| {runs_text} |"

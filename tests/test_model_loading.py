@@ -17,6 +17,8 @@ from ns_4d_methods.guidance.model_loading import (
     hold_frozen,
     load_diffusion_pipeline,
     load_pretrained_model,
+    load_torchvision_state_dict,
+    torchvision_cache_path,
 )
 
 
@@ -96,3 +98,47 @@ def test_hold_frozen_keeps_a_model_out_of_the_owners_checkpoint() -> None:
     assert isinstance(owner.frozen, torch.nn.Linear)
     assert set(owner.state_dict()) == {"trained.weight", "trained.bias"}
     assert len(list(owner.parameters())) == 2
+
+
+@pytest.fixture()
+def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """An empty torch hub cache, and no network: a download attempt fails as it does offline."""
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch_home"
+
+
+def test_torchvision_weights_load_from_the_torch_hub_cache(torch_home) -> None:
+    from torchvision.models import alexnet
+
+    network = alexnet()  # random weights, saved where torchvision's enum looks for its file
+    path = torchvision_cache_path("AlexNet_Weights.IMAGENET1K_V1")
+    assert path.parent == torch_home / "hub" / "checkpoints"
+    path.parent.mkdir(parents=True)
+    torch.save(network.state_dict(), path)
+    state_dict = load_torchvision_state_dict("AlexNet_Weights.IMAGENET1K_V1", "pipeline.lpips_net")
+    assert state_dict.keys() == network.state_dict().keys()
+    assert torch.equal(state_dict["features.0.weight"], network.features[0].weight)
+    # a local file by path works the same
+    assert torch.equal(load_torchvision_state_dict(path, "f")["classifier.6.bias"], network.classifier[6].bias)
+
+
+def test_torchvision_weights_offline_and_uncached_fail_in_one_line_with_the_hint(torch_home) -> None:
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_torchvision_state_dict("VGG16_Weights.IMAGENET1K_V1", "pipeline.anchor_lpips", hint="or --no-lpips")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("pipeline.anchor_lpips: cannot load 'VGG16_Weights.IMAGENET1K_V1'")
+    assert "not downloadable" in message and message.endswith("; or --no-lpips")
+    with pytest.raises(WeightsUnavailableError, match="not a torchvision weights enum name"):
+        load_torchvision_state_dict("no_such_weights.pth", "pipeline.raft")
+    broken = torch_home / "broken.pth"
+    broken.parent.mkdir(parents=True, exist_ok=True)  # the hub's cache folder may already be there
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="a local file, but not loadable"):
+        load_torchvision_state_dict(broken, "pipeline.raft")

@@ -1,8 +1,12 @@
-"""The one place where pretrained diffusers pipelines and diffusers/transformers models are loaded.
+"""The one place where pretrained networks are loaded: diffusers pipelines, diffusers/transformers models, and
+torchvision networks (RAFT, LPIPS backbones).
 
 Every pretrained model in the suite is named by a config field whose value is a Hugging Face hub id (the papers'
-defaults) or a local directory written by ``save_pretrained``. Loading goes through :func:`from_pretrained_or_fail`
-so that an unreachable model ends the command with one line that names the field and the value, e.g.::
+defaults) or a local directory written by ``save_pretrained``; torchvision networks are named by a torchvision
+weights enum (``"Raft_Large_Weights.C_T_V2"``) or a local file. Either is fetched into its usual cache (the hub
+cache, the torch hub cache) when the network is reachable and read from that cache afterwards. Loading goes through
+:func:`from_pretrained_or_fail` or :func:`load_torchvision_state_dict` so that an unreachable model ends the command
+with one line that names the field and the value, e.g.::
 
     pipeline.ip2p_model_id: cannot load 'timbrooks/instruct-pix2pix' (not a local directory and not reachable on
     the Hugging Face hub)
@@ -16,6 +20,7 @@ attribute. Attach a loaded model with :func:`hold_frozen` instead; it stores the
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,8 +43,9 @@ HUB_UNREACHABLE = "not a local directory and not reachable on the Hugging Face h
 class WeightsUnavailableError(InputError):
     """Pretrained weights named by a config field could not be loaded; the message is one line naming both."""
 
-    def __init__(self, field_name: str, name_or_path: str, reason: str = HUB_UNREACHABLE) -> None:
-        super().__init__(f"{field_name}: cannot load '{name_or_path}' ({reason})")
+    def __init__(self, field_name: str, name_or_path: str, reason: str = HUB_UNREACHABLE, hint: str = "") -> None:
+        # ``hint`` says how to go on without the weights, e.g. the flag that turns the loss term off
+        super().__init__(f"{field_name}: cannot load '{name_or_path}' ({reason})" + (f"; {hint}" if hint else ""))
         self.field_name = field_name
         self.name_or_path = name_or_path
 
@@ -138,3 +144,51 @@ def hold_frozen(owner: object, name: str, value: object) -> None:
     its parameter groups and its ``.to()``/``.train()`` calls.
     """
     object.__setattr__(owner, name, value)
+
+
+TORCH_HUB_UNREACHABLE = "not a local file, not in the torch hub cache and not downloadable"
+
+
+def torchvision_weights(name: str) -> Any:
+    """The torchvision weights enum member called ``name`` (e.g. ``"VGG16_Weights.IMAGENET1K_V1"``), or None."""
+    from torchvision.models import get_weight
+
+    try:
+        return get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def torchvision_cache_path(name: str) -> Path:
+    """Where torch's hub cache keeps the file of torchvision weights ``name`` (``$TORCH_HOME/hub/checkpoints``)."""
+    weights = torchvision_weights(name)
+    if weights is None:
+        raise ValueError(f"'{name}' is not a torchvision weights enum name")
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def load_torchvision_state_dict(name_or_path: str | Path, field_name: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision network's pretrained weights, the way its users get them.
+
+    ``name_or_path`` is a local file (read with ``torch.load``) or a torchvision weights enum name, whose file is read
+    from the torch hub cache or, when absent there, downloaded into it by torchvision's own ``get_state_dict``.
+    Anything else (a missing file, an unknown name, no network and nothing cached) raises
+    :class:`WeightsUnavailableError` naming ``field_name``, with ``hint`` appended.
+    """
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise WeightsUnavailableError(field_name, source, f"a local file, but not loadable: {cause}", hint) from error
+    weights = torchvision_weights(source)
+    if weights is None:
+        reason = "no such file, and not a torchvision weights enum name such as 'VGG16_Weights.IMAGENET1K_V1'"
+        raise WeightsUnavailableError(field_name, source, reason, hint)
+    try:
+        # reads the cached file when present; otherwise downloads it there (no network: URLError, an OSError)
+        return weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as error:
+        raise WeightsUnavailableError(field_name, source, TORCH_HUB_UNREACHABLE, hint) from error

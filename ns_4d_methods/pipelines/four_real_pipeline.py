@@ -64,6 +64,7 @@ from ns_4d_methods.guidance.video_sds import SDS_PIPELINES, LTXVideoPrior, Video
 from ns_4d_methods.models.four_real import FourRealModel, FourRealModelConfig
 from ns_4d_methods.models.image_metrics import image_metrics
 from ns_4d_methods.models.xclip_score import XCLIP_MODEL, load_xclip_or_skip
+from ns_4d_methods.phase_start_schedule import PhaseStartSchedulerConfig
 from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
 from ns_4d_methods.pipelines.editing_pipeline import progress_bar
 from ns_4d_methods.render.sds_camera_paths import orbit_cameras, time_cameras
@@ -112,6 +113,21 @@ class FourRealPipelineConfig(DynamicPipelineConfig, FreezeTimeConfig):
     """X-CLIP model (hub id or local directory) of metrics.json's video-text score; skipped when not loadable."""
     log_every: int = 500
     """Training steps between two progress lines in the console."""
+
+    def param_group_phases(self) -> Dict[str, Tuple[int, int]]:
+        """(first step, length) of the learning-rate schedules that follow the stages
+        (:mod:`ns_4d_methods.phase_start_schedule`): the canonical means over both stages, the per-frame deformation
+        over stage 4, the temporal deformation over stage 5 from its first step."""
+        canonical, temporal = self.canonical_steps, self.temporal_steps
+        return {
+            "means": (0, canonical + temporal),
+            "per_frame_deformation": (0, canonical),
+            "deformation": (canonical, temporal),
+        }
+
+    def param_group_starts(self) -> Dict[str, int]:
+        """First training step of each parameter group that waits for a stage (the suite's learning-rate rule)."""
+        return {name: start for name, (start, _) in self.param_group_phases().items() if start > 0}
 
 
 @dataclass
@@ -381,6 +397,7 @@ class FourRealTrainer(Trainer4D):
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         config = self.config
+        fit_schedules_to_stages(config)
         if config.pipeline.run_dir is None:
             if config.load_dir is not None:
                 latest_checkpoint(config.load_dir)  # one-line error for a wrong directory
@@ -389,5 +406,14 @@ class FourRealTrainer(Trainer4D):
                 config.pipeline.run_dir = config.load_checkpoint.parent.parent
             else:
                 config.pipeline.run_dir = self.base_dir
-            config.save_config()
+        config.save_config()
         super().setup(test_mode)
+
+
+def fit_schedules_to_stages(config: FourRealTrainerConfig) -> None:
+    """Sets the start and length of the stage-following schedules (``PhaseStartSchedulerConfig``) from the stage
+    lengths in force, so that --pipeline.canonical-steps / --pipeline.temporal-steps move them too."""
+    for name, (start, steps) in config.pipeline.param_group_phases().items():
+        scheduler = config.optimizers.get(name, {}).get("scheduler")
+        if isinstance(scheduler, PhaseStartSchedulerConfig):
+            scheduler.start_step, scheduler.max_steps = start, steps

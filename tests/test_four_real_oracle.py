@@ -34,6 +34,9 @@ from ns_4d_methods.render.sds_camera_paths import multiview_path, orbit_pose, te
 VIDEO_RESOLUTION = 64  # the reference and freeze-time videos
 RESOLUTION = 64  # the SDS renders (the datamanager's SDS sizes are multiples of 32)
 REFERENCE_AZIMUTH, ELEVATION = 20.0, 25.0
+FREEZE_AZIMUTHS = [REFERENCE_AZIMUTH + 15.0 * k for k in range(-3, 4)]
+"""The freeze-time video's cameras: 7 at 15 deg steps, the reference camera (index 3) in the middle."""
+CANONICAL_INDEX = 3
 CANONICAL_STEPS = 200
 """Canonical-stage steps (the freeze-time frames, no video SDS) before stage 5."""
 COMPRESSION = CANONICAL_STEPS / four_real.config.pipeline.canonical_steps
@@ -105,7 +108,7 @@ class OraclePrior:
     def add_noise(self, latents, noise, sigma):
         return (1.0 - sigma) * latents + sigma * noise
 
-    def predict_velocity(self, noisy, sigma, path=None):
+    def predict_velocity(self, noisy, sigma, path=None, frame_rate=None):
         assert path is not None and len(path) == noisy.shape[2]
         truth = self.truth(path)
         error = (noisy[:, :, 0] - truth[:, :, 0]).abs().mean().item()
@@ -146,11 +149,10 @@ def pipeline(tmp_path_factory, one_thread):
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("oracle") / "run"
     reference_pose = camera_pose(REFERENCE_AZIMUTH, ELEVATION)
-    azimuths = [REFERENCE_AZIMUTH + 15.0 * k for k in range(-3, 4)]
-    freeze, poses = freeze_time_video(azimuths, ELEVATION, 0.0, VIDEO_RESOLUTION, ground=False)
+    freeze, poses = freeze_time_video(FREEZE_AZIMUTHS, ELEVATION, 0.0, VIDEO_RESOLUTION, ground=False)
     points, colours = surface_points(1200, np.random.default_rng(0))
     reference = reference_video(reference_pose, 17, VIDEO_RESOLUTION, ground=False)
-    write_run_artefacts(run_dir, reference, freeze, poses, 3, points, colours)
+    write_run_artefacts(run_dir, reference, freeze, poses, CANONICAL_INDEX, points, colours)
     config = FourRealPipelineConfig(
         prompt="three striped spheres", run_dir=run_dir, canonical_steps=CANONICAL_STEPS,
         sds_steps=0, datamanager=FourRealDataManagerConfig(resolutions=(RESOLUTION,)),
@@ -173,6 +175,8 @@ def pipeline(tmp_path_factory, one_thread):
         optimizers.optimizer_step_all()
         optimizers.scheduler_step_all(step)
     assert set(losses) >= {"main_loss", "small_motion_loss"}  # the canonical stage's losses
+    # the temporal deformation waits for stage 5 (4real's param_group_starts)
+    assert all(p.grad is None or not p.grad.any() for p in model.deformation_field.parameters())
     pipeline.oracle_optimizers = optimizers
     return pipeline
 
@@ -216,17 +220,24 @@ def test_stage_five_at_the_methods_learning_rates_learns_motion_seen_from_new_vi
     before = held_out_psnr(pipeline, frame)
     start = time.perf_counter()
     kinds = []
+    deformation = optimizers.optimizers["deformation"]
     for step in range(CANONICAL_STEPS, CANONICAL_STEPS + config.temporal_steps):
         model.step_cb(optimizers, step)
         optimizers.zero_grad_all()
         _, losses, _ = pipeline.get_train_loss_dict(step)
         kinds.extend(name for name in losses if name.endswith("_sds_loss"))
         sum(losses.values()).backward()
+        if step == CANONICAL_STEPS:  # the temporal deformation's first gradient comes at its nominal rate
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.deformation_field.parameters())
+            assert deformation.param_groups[0]["lr"] == pytest.approx(8e-4, rel=1e-6)
         optimizers.optimizer_step_all()
         optimizers.scheduler_step_all(step)
     seconds = time.perf_counter() - start
     after = held_out_psnr(pipeline, frame)
     temporal_steps = kinds.count("temporal_sds_loss")
+    with torch.no_grad():
+        motion = max(float(model.offsets_at(t)[0].norm(dim=-1).max()) for t in (0.25, 0.5, 0.75, 1.0))
+    print(f"largest centre offset learnt {motion:.3f} (scene units; the reference camera is 1 unit from the pivot)")
     print(f"oracle stage 5 ({config.temporal_steps} steps, video SDS in the last {config.sds_steps}): held-out PSNR "
           f"{before:.2f} -> {after:.2f} dB ({after - before:+.2f}), {seconds:.1f} s; temporal SDS {temporal_steps}, "
           f"multi-view {len(kinds) - temporal_steps}")
@@ -238,16 +249,30 @@ def test_stage_five_at_the_methods_learning_rates_learns_motion_seen_from_new_vi
 def test_sds_paths_times_and_poses(pipeline):
     datamanager = pipeline.datamanager
     frame = SceneFrame(datamanager)
-    path, condition = datamanager.sds_path("temporal", 0)
-    assert len(path) == 17 and condition.shape == (3, RESOLUTION, RESOLUTION)
-    assert torch.allclose(path.times.reshape(-1), torch.arange(17) / 16.0)
-    assert torch.allclose(path.camera_to_worlds, path.camera_to_worlds[:1].expand(17, 3, 4))
-    reference = datamanager.inputs.reference[0].permute(2, 0, 1).float() / 255
-    assert torch.equal(condition, reference)  # the real frame 0, at the SDS size (here the frames' own)
-    world = frame.to_world(path.camera_to_worlds[0])
-    assert np.allclose(world, camera_pose(REFERENCE_AZIMUTH, ELEVATION), atol=1e-4)
+    assert datamanager.canonical_time == 0.0  # the freeze-time video shows reference frame 0
+    registered = [camera_pose(azimuth, ELEVATION) for azimuth in FREEZE_AZIMUTHS]
+    seen = set()
+    for _ in range(12):
+        path, condition = datamanager.sds_path("temporal", 0)
+        assert len(path) == 17 and condition.shape == (3, RESOLUTION, RESOLUTION)
+        assert torch.allclose(path.times.reshape(-1), torch.arange(17) / 16.0)  # outward from the canonical time
+        assert torch.allclose(path.camera_to_worlds, path.camera_to_worlds[:1].expand(17, 3, 4))
+        # a registered freeze-time camera, never the reference one, conditioned on its own freeze-time frame
+        world = frame.to_world(path.camera_to_worlds[0])
+        index = int(np.argmin([np.abs(world - pose).max() for pose in registered]))
+        assert np.allclose(world, registered[index], atol=1e-4) and index != CANONICAL_INDEX
+        assert torch.equal(condition, datamanager.inputs.freeze[index].permute(2, 0, 1).float() / 255)
+        seen.add(index)
+    assert len(seen) >= 4  # drawn among the six others
+
+    # frame rate of the renders: the reference video's 17 frames span times 0..1, so 16 renders over all of it play
+    # at its rate, over half of it at twice its rate
+    rate = pipeline.config.frame_rate
+    assert pipeline.path_frame_rate(path) == pytest.approx(rate)
+    assert pipeline.path_frame_rate(temporal_path(path[:1], 0.0, 0.5, 16)) == pytest.approx(rate * 2)
 
     path, condition = datamanager.sds_path("multiview", 0, frame=5)
+    assert pipeline.path_frame_rate(path) == pipeline.config.frame_rate
     assert torch.allclose(path.times.reshape(-1), torch.full((17,), 5 / 16))
     reference = datamanager.inputs.reference[5].permute(2, 0, 1).float() / 255
     assert torch.equal(condition, reference)
@@ -260,6 +285,14 @@ def test_sds_paths_times_and_poses(pipeline):
     for c2w in path.camera_to_worlds:
         to_pivot = -c2w[:, 3] / c2w[:, 3].norm()
         assert torch.allclose(-c2w[:, 2], to_pivot, atol=1e-5)
+    # the end poses reach across the registered arc (+-45 deg here; a fixed +-30 deg range did not)
+    (low, high), _ = datamanager.arc
+    assert math.degrees(low) == pytest.approx(-45.0, abs=0.5) and math.degrees(high) == pytest.approx(45.0, abs=0.5)
+    reference = path.camera_to_worlds[0]
+    ends = torch.stack([datamanager.sds_path("multiview", 0)[0].camera_to_worlds[-1, :, 3] for _ in range(40)])
+    ends = ends @ reference[:, :3]
+    azimuths = torch.rad2deg(torch.atan2(ends[:, 0], ends[:, 2]))
+    assert azimuths.abs().max() <= 45.5 and azimuths.abs().max() > 35.0
 
 
 def test_path_builders_on_known_geometry():
@@ -282,14 +315,15 @@ def test_path_builders_on_known_geometry():
 
 
 def test_path_renders_share_and_checkpoint_the_deformation(pipeline):
-    """A multi-view path (one time) evaluates the deformation once for its 16 renders, a temporal path once per time;
+    """A multi-view path (one time) evaluates the deformation once for its 16 renders, a temporal path once per time
+    (each plus once at the canonical time, where it is pinned to zero);
     the checkpointed evaluation gives the deformation network the gradients of the plain one."""
     model, datamanager = pipeline.model, pipeline.datamanager
     model.temporal = True
     calls = []
     hook = model.deformation_field.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
-        for kind, expected in (("multiview", 1), ("temporal", 16)):
+        for kind, expected in (("multiview", 2), ("temporal", 17)):  # the times, and the canonical time
             path, _ = datamanager.sds_path(kind, 0, frame=3)
             calls.clear()
             shared = model.render_path(path)
@@ -302,7 +336,43 @@ def test_path_renders_share_and_checkpoint_the_deformation(pipeline):
             assert torch.allclose(plain.permute(0, 3, 1, 2), shared.detach())
             plain.square().mean().backward()
             for a, p in zip(checkpointed, model.deformation_field.parameters()):
-                assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-8)
+                assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)  # the head's bias: 0 (pinned) up to rounding
     finally:
         hook.remove()
         model.deformation_field.zero_grad()
+
+
+def test_canonical_time_pinned_one_background_per_path_and_freeze_frames_in_stage_five(pipeline):
+    model, datamanager = pipeline.model, pipeline.datamanager
+    model.temporal = True
+    # D(x, t_c) = 0 exactly, while the network itself is not zero there
+    assert max(float(offset.abs().max()) for offset in model._raw_offsets(model.canonical_time)) > 1e-4
+    assert all(torch.equal(offset, torch.zeros_like(offset)) for offset in model.offsets_at(model.canonical_time))
+    assert float(model.offsets_at(0.5)[0].abs().max()) > 1e-4
+
+    # one background colour over all renders of a path, a new one for the next path
+    backgrounds = []
+    render = model.get_outputs
+
+    def recording(camera):
+        outputs = render(camera)
+        backgrounds.append(outputs["background"].reshape(-1, 3)[0].detach().clone())
+        return outputs
+
+    model.config.background_color, model.get_outputs = "random", recording
+    try:
+        with torch.no_grad():
+            for kind in ("temporal", "multiview"):
+                model.render_path(datamanager.sds_path(kind, 0)[0])
+    finally:
+        model.config.background_color = "white"
+        del model.get_outputs
+    first, second = torch.stack(backgrounds[:16]), torch.stack(backgrounds[16:])
+    assert len(backgrounds) == 32 and torch.equal(first, first[:1].expand(16, 3))
+    assert torch.equal(second, second[:1].expand(16, 3)) and not torch.equal(first[0], second[0])
+
+    # stage 5 keeps drawing freeze-time frames, in proportion to the two videos' lengths (7 and 17 frames)
+    datamanager.stage = "temporal"
+    batches = [datamanager.next_train(0)[1] for _ in range(480)]
+    freeze = sum("freeze_frame" in batch for batch in batches) / len(batches)
+    assert 0.22 < freeze < 0.37 and all("previous_time" in batch for batch in batches if "freeze_frame" not in batch)

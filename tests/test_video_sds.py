@@ -35,9 +35,9 @@ class Recorder:
         self.calls["noise"] = noise.clone()
         return self.prior.add_noise(latents, noise, sigma)
 
-    def predict_velocity(self, noisy, sigma, path=None):
+    def predict_velocity(self, noisy, sigma, path=None, frame_rate=None):
         self.calls["noisy"] = noisy.clone()
-        self.calls["velocity"] = self.prior.predict_velocity(noisy, sigma, path)
+        self.calls["velocity"] = self.prior.predict_velocity(noisy, sigma, path, frame_rate)
         return self.calls["velocity"]
 
     def decode(self, latents, generator=None):

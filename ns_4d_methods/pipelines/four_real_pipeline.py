@@ -19,12 +19,14 @@ run directory (``run_dir``, which ``ns-train`` sets: this run's directory, or th
 ``--load-dir``); each is skipped when its artefacts exist, so a resumed run never regenerates anything. Stages 4-5
 are training steps: the stage follows from the step, and its position is kept in every checkpoint. The stage and its
 progress are printed to the console and shown in the viewer's control panel. At the end of training the run gets
-``videos/orbit.mp4`` (a camera orbit at the canonical time), ``videos/time.mp4`` (the reference camera, time moving)
-and ``metrics.json`` with their X-CLIP scores against the prompt (skipped with one line without X-CLIP weights).
+``videos/orbit.mp4`` (a camera orbit at the canonical time), ``videos/time.mp4`` (the reference camera, time moving),
+``videos/space_time.mp4`` (the camera along the freeze-time arc while time moves) and ``metrics.json`` with their
+X-CLIP scores against the prompt (X-CLIP's own video-text logits; skipped with one line without X-CLIP weights).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -225,16 +227,31 @@ class FourRealPipeline(DynamicPipeline):
         else:
             kind = "temporal" if torch.rand(1, generator=self.generator) < 0.5 else "multiview"
             frame = None
-        reference_pose = self.refined_reference(0.0).camera_to_worlds[0]  # paths start at the refined pose
-        path, condition = self.datamanager.sds_path(kind, step, reference_pose, frame)
+        path, condition = self.datamanager.sds_path(kind, step, self.refined_pose, frame)  # from refined poses
         schedule = config.sds_timesteps  # its own length, mapped onto the stage's SDS steps
         position = round(sds_step / max(config.sds_steps, 1) * schedule.max_steps)
         sigma = max(schedule.sample(position, 1000, self.generator), 1) / 1000.0
         renders = self.model.render_path(path)
-        output = video_sds_loss(renders, condition, self.prior, sigma, path, self.generator)
+        frame_rate = self.path_frame_rate(path)
+        output = video_sds_loss(renders, condition, self.prior, sigma, path, self.generator, frame_rate)
         self.position.sds_counts[kind] += 1
         weight = config.temporal_sds_weight if kind == "temporal" else config.multiview_sds_weight
         return {f"{kind}_sds_loss": weight * output.loss}
+
+    def path_frame_rate(self, path) -> float:
+        """Frames per second of a path's renders: a temporal path steps time by a fraction of the reference video
+        (``frame_rate`` frames per second, times 0 to 1 over its length), so its 16 renders may span 48 frames (8.3
+        fps at 25); a multi-view path (time still) plays at ``frame_rate``, as the freeze-time video."""
+        times = path.times.reshape(-1)
+        step = float((times[-1] - times[0]).abs()) / (len(times) - 1)
+        if step == 0.0:
+            return float(self.config.frame_rate)
+        return float(self.config.frame_rate) / (step * (len(self.datamanager.inputs.reference) - 1))
+
+    @torch.no_grad()
+    def refined_pose(self, camera) -> torch.Tensor:
+        """The camera optimizer's refined pose [1, 3, 4] of a training camera (``cam_idx`` in its metadata)."""
+        return self.model.camera_optimizer.apply_to_camera(camera.to(self.device)).cpu()
 
     @torch.no_grad()
     def refined_reference(self, time: float):
@@ -285,8 +302,9 @@ class FourRealPipeline(DynamicPipeline):
         return frames
 
     def result_videos(self) -> Dict[str, List[np.ndarray]]:
-        """The orbit video (at the canonical time, over the freeze-time cameras' azimuths about the pivot) and the
-        time video (the reference camera, times 0 to 1)."""
+        """The orbit video (at the canonical time, over the freeze-time cameras' azimuths about the pivot), the time
+        video (the reference camera, times 0 to 1) and the space-time video (the orbit's cameras, times 0 to 1: the
+        4D result from viewpoints the reference video does not show)."""
         datamanager = self.datamanager
         reference = self.refined_reference(datamanager.canonical_time)
         centres = datamanager.inputs.cameras.camera_to_worlds[:, :, 3]
@@ -295,14 +313,18 @@ class FourRealPipeline(DynamicPipeline):
         azimuths = torch.remainder(azimuths + math.pi, 2 * math.pi) - math.pi
         count = len(datamanager.inputs.reference)
         sweep = torch.linspace(float(azimuths.min()), float(azimuths.max()), count)
-        pivot = torch.zeros(3)
+        orbit = orbit_cameras(reference, torch.zeros(3), sweep.tolist(), datamanager.canonical_time)
+        space_time = copy.deepcopy(orbit)
+        space_time.times = torch.linspace(0.0, 1.0, count)[:, None]
         return {
-            "orbit": self.render_video(orbit_cameras(reference, pivot, sweep.tolist(), datamanager.canonical_time)),
+            "orbit": self.render_video(orbit),
             "time": self.render_video(time_cameras(reference, count)),
+            "space_time": self.render_video(space_time),
         }
 
     def write_outputs(self, step: Optional[int] = None) -> Dict[str, Any]:
-        """Writes ``videos/{orbit,time}.mp4`` and ``metrics.json`` into the run directory; returns the metrics."""
+        """Writes ``videos/{orbit,time,space_time}.mp4`` and ``metrics.json`` into the run directory; returns the
+        metrics."""
         assert self.output_dir is not None
         self.eval()
         videos = self.result_videos()

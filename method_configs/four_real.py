@@ -1,5 +1,13 @@
 """``ns-train 4real --pipeline.prompt "..."``: 4Real, text to a 4D scene through video diffusion (five stages in one
-run, see :mod:`ns_4d_methods.pipelines.four_real_pipeline`)."""
+run, see :mod:`ns_4d_methods.pipelines.four_real_pipeline`): reference video, freeze-time video, cameras by structure
+from motion, then 20k steps of canonical Gaussians (freeze-time frames; multi-view video SDS in the last 5k) and 20k
+of temporal deformation (reference and freeze-time frames; temporal video SDS from registered freeze-time cameras
+other than the reference, and multi-view video SDS along the freeze-time arc, in the last 5k).
+
+Learning rates follow the suite's rule (:mod:`ns_4d_methods.phase_start_schedule`): a group's schedule starts with the
+stage it trains in, so the temporal deformation starts stage 5 at its nominal 8e-4 (one schedule over all 40k steps
+from step 0 would have given it 3.6e-5). ``ns-train`` refits those schedules to --pipeline.canonical-steps and
+--pipeline.temporal-steps."""
 
 from __future__ import annotations
 
@@ -83,5 +91,6 @@ four_real = MethodSpecification(
     ),
     description="4Real: text to a photorealistic 4D scene. A reference video and a freeze-time video from a video "
     "diffusion model (or your own), cameras by structure from motion, canonical deformable Gaussians with per-frame "
-    "deformation, then a temporal deformation, each stage ending with video score distillation.",
+    "deformation, then a temporal deformation, each stage ending with video score distillation (temporal paths from "
+    "freeze-time cameras other than the reference one).",
 )

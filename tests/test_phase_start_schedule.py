@@ -83,3 +83,18 @@ def test_phase_start_schedule_is_the_plain_decay_shifted() -> None:
     for step in (0, 5, 10, 400, 1000, 2000):
         assert learning_rate_at(shifted, step + 300) == pytest.approx(learning_rate_at(plain, step), rel=1e-9)
     assert learning_rate_at(shifted, 0) == learning_rate_at(shifted, 300)
+
+
+def test_four_real_schedules_follow_the_stage_lengths_given_on_the_command_line() -> None:
+    from method_configs.four_real import four_real
+    from ns_4d_methods.pipelines.four_real_pipeline import fit_schedules_to_stages
+
+    config = copy.deepcopy(four_real.config)
+    config.pipeline.canonical_steps, config.pipeline.temporal_steps = 300, 100  # as --pipeline.*-steps set them
+    fit_schedules_to_stages(config)
+    assert rule_breaches(config, {}) == []
+    deformation, per_frame = config.optimizers["deformation"], config.optimizers["per_frame_deformation"]
+    assert learning_rate_at(deformation, 300) == pytest.approx(8e-4) and learning_rate_at(deformation, 0) == 8e-4
+    assert learning_rate_at(deformation, 400) == pytest.approx(1.6e-6)
+    assert learning_rate_at(per_frame, 300) == pytest.approx(1.6e-6)
+    assert learning_rate_at(config.optimizers["means"], 400) == pytest.approx(1.6e-6)

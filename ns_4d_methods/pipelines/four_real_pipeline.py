@@ -8,11 +8,17 @@
    (:func:`~ns_4d_methods.data.structure_from_motion.cameras_stage`): frames without a pose are dropped, the
    reference video is a static camera at the canonical frame's pose, the Gaussians start from the SfM points;
 4. **canonical Gaussians** (``canonical_steps`` training steps) on the freeze-time frames with a per-frame deformation:
-   L1 + the small-motion loss, nerfstudio's camera optimizer refining the poses; multi-view video SDS in the last
-   ``sds_steps``;
-5. **temporal deformation** (``temporal_steps``) on the reference frames from the reference camera: L1 + SSIM,
-   L_norm, L_diff, L_rigid, L_rot; in the last ``sds_steps`` joint temporal and multi-view video SDS, one of the two
-   (weights ``temporal_sds_weight`` and ``multiview_sds_weight``) chosen at random each step.
+   L1 + 0.2 D-SSIM + the small-motion loss, nerfstudio's camera optimizer refining the poses; multi-view video SDS
+   in the last ``sds_steps``;
+5. **temporal deformation** (``temporal_steps``, zero at the canonical time) on the reference frames from the
+   reference camera, the freeze-time frames still supervised (frames drawn from both videos): L1 + D-SSIM, L_norm,
+   L_diff, L_rigid, L_rot; in the last ``sds_steps`` joint temporal video SDS (a registered freeze-time camera other
+   than the reference, time moving outward from the canonical time) and multi-view video SDS (one time, the camera
+   moving within the freeze-time arc), one of the two (weights ``temporal_sds_weight`` and ``multiview_sds_weight``)
+   chosen at random each step.
+
+Each parameter group's learning-rate schedule starts with its stage (:mod:`ns_4d_methods.phase_start_schedule`;
+:meth:`FourRealPipelineConfig.param_group_phases`): the temporal deformation first trains at its nominal 8e-4.
 
 Stages 1-3 run when the pipeline is built (the model's size depends on them) and write their artefacts under the
 run directory (``run_dir``, which ``ns-train`` sets: this run's directory, or the resumed run's with

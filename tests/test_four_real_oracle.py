@@ -157,8 +157,8 @@ def pipeline(tmp_path_factory, one_thread):
         prompt="three striped spheres", run_dir=run_dir, canonical_steps=CANONICAL_STEPS,
         sds_steps=0, datamanager=FourRealDataManagerConfig(resolutions=(RESOLUTION,)),
         model=FourRealModelConfig(
-            sh_degree=0, background_color="white", rasterizer="torch", num_downscales=0, deformation_num_layers=4,
-            deformation_layer_width=64, position_frequencies=3, time_frequencies=4,
+            sh_degree=0, background_color="white", rasterizer="torch", num_downscales=0,
+            time_frequencies=four_real.config.pipeline.model.time_frequencies,
         ),
     )  # fmt: skip
     pipeline = config.setup(device="cpu", test_mode="test")
@@ -285,14 +285,15 @@ def test_sds_paths_times_and_poses(pipeline):
     for c2w in path.camera_to_worlds:
         to_pivot = -c2w[:, 3] / c2w[:, 3].norm()
         assert torch.allclose(-c2w[:, 2], to_pivot, atol=1e-5)
-    # the end poses reach across the registered arc (+-45 deg here; a fixed +-30 deg range did not)
+    # the end poses reach across the registered arc (+-45 deg about the world's up axis, +-40 deg about the reference
+    # camera's, which looks 25 deg down; a fixed +-30 deg range did not)
     (low, high), _ = datamanager.arc
-    assert math.degrees(low) == pytest.approx(-45.0, abs=0.5) and math.degrees(high) == pytest.approx(45.0, abs=0.5)
+    assert -41.0 < math.degrees(low) < -39.0 and 39.0 < math.degrees(high) < 41.0
     reference = path.camera_to_worlds[0]
     ends = torch.stack([datamanager.sds_path("multiview", 0)[0].camera_to_worlds[-1, :, 3] for _ in range(40)])
     ends = ends @ reference[:, :3]
     azimuths = torch.rad2deg(torch.atan2(ends[:, 0], ends[:, 2]))
-    assert azimuths.abs().max() <= 45.5 and azimuths.abs().max() > 35.0
+    assert azimuths.abs().max() <= 41.0 and azimuths.abs().max() > 33.0
 
 
 def test_path_builders_on_known_geometry():
@@ -361,9 +362,8 @@ def test_canonical_time_pinned_one_background_per_path_and_freeze_frames_in_stag
 
     model.config.background_color, model.get_outputs = "random", recording
     try:
-        with torch.no_grad():
-            for kind in ("temporal", "multiview"):
-                model.render_path(datamanager.sds_path(kind, 0)[0])
+        for kind in ("temporal", "multiview"):
+            model.render_path(datamanager.sds_path(kind, 0)[0])
     finally:
         model.config.background_color = "white"
         del model.get_outputs

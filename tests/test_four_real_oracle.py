@@ -1,13 +1,16 @@
-"""4real's video SDS end to end with an oracle prior: a stand-in video model whose one-step estimate is the true render
+"""4real's stage 5 end to end with an oracle prior: a stand-in video model whose one-step estimate is the true render
 of ``ns-4d-sample-scene``'s analytic spheres along the camera path and times it is handed (and which checks that the
 conditioning frame in front of the renders is the real frame of that path's first camera and time, untouched by
 noise). The 4real pipeline is built from stage artefacts written with the true cameras and trains a short canonical
-stage; its deformation is then made deliberately wrong (the true motion, lagging in time), and the temporal and
-multi-view video SDS alone (the pipeline's own paths, weights 20 and 5, chosen at random each step) must bring
-held-out views at other times and poses at least 5 dB closer to the truth.
+stage; then stage 5 runs through the pipeline's own training step at the method's default learning rates and
+schedules, compressed in time by one rule (``COMPRESSION``), and held-out views at other azimuths, elevations and
+non-canonical times must come closer to the truth than they did with the former schedules (measured at commit 8db6205
+with this test: 14.23 -> 16.08 dB, +1.84; the temporal deformation started stage 5 at 3.6e-5 instead of 8e-4).
 
-Also the camera paths' geometry: temporal paths hold the pose and step the time, multi-view paths hold the time and
-orbit rigidly about the pivot out to the perturbed pose."""
+Also the camera paths (temporal: a registered freeze-time camera other than the reference, held still, time stepping
+outward from the canonical time; multi-view: one time, orbiting rigidly about the pivot within the registered arc),
+the renders' frame rate, one background per path, the deformation pinned to zero at the canonical time and the
+freeze-time frames still drawn in stage 5."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.engine.optimizers import Optimizers
 
 from method_configs.four_real import four_real
-from ns_4d_methods.cli.sample_scene import surface_points
+from ns_4d_methods.cli.sample_scene import spheres_at, surface_points
 from ns_4d_methods.data.four_real_datamanager import FourRealDataManagerConfig
 from ns_4d_methods.guidance.model_loading import hold_frozen
 from ns_4d_methods.models.four_real import FourRealModelConfig
@@ -133,6 +136,36 @@ def compressed_optimizers(compression: float) -> dict:
     return optimizers
 
 
+def true_offsets(frame: SceneFrame, means: torch.Tensor, time_value: float) -> torch.Tensor:
+    """Scene-space offsets [N, 3] that carry canonical Gaussians (on the spheres at time 0) to where their sphere's
+    surface point is at ``time_value`` (translation, and the spin of the spinning sphere)."""
+    rotation, translation = frame.rotation.float(), frame.translation.float()
+    world = (rotation.T @ (means.T / frame.scale - translation[:, None])).T
+    start, now = spheres_at(0.0), spheres_at(time_value)
+    centres = torch.tensor(np.stack([centre for centre, _, _, _ in start])).float()
+    owner = (world[:, None] - centres[None]).norm(dim=-1).argmin(1)
+    moved = world.clone()
+    for k, (centre, _, _, spin) in enumerate(now):
+        angle = spin - start[k][3]
+        spin_matrix = torch.tensor(
+            [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]]
+        )
+        mine = owner == k
+        moved[mine] = torch.tensor(centre).float() + (world[mine] - centres[k]) @ spin_matrix.T
+    return frame.scale * (moved - world) @ rotation.T
+
+
+
+def motion_error(model, frame: SceneFrame) -> float:
+    """Mean distance between the learnt and the true centre offsets at times 0.25, 0.5 and 0.75, as a fraction of
+    the true offsets' mean length (1: no motion learnt)."""
+    means = model.means.detach()
+    with torch.no_grad():
+        pairs = [(model.offsets_at(t)[0], true_offsets(frame, means, t)) for t in (0.25, 0.5, 0.75)]
+    return float(sum((learnt - true).norm(dim=-1).mean() for learnt, true in pairs)
+                 / sum(true.norm(dim=-1).mean() for _, true in pairs))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The rasterizer's many small tensors run fastest on one thread (and two threads thrash a loaded machine)."""
@@ -217,7 +250,7 @@ def test_stage_five_at_the_methods_learning_rates_learns_motion_seen_from_new_vi
     config.temporal_steps = round(four_real.config.pipeline.temporal_steps * COMPRESSION)
     config.sds_steps = round(four_real.config.pipeline.sds_steps * COMPRESSION)
     model.temporal = True
-    before = held_out_psnr(pipeline, frame)
+    before, error_before = held_out_psnr(pipeline, frame), motion_error(model, frame)
     start = time.perf_counter()
     kinds = []
     deformation = optimizers.optimizers["deformation"]
@@ -233,7 +266,8 @@ def test_stage_five_at_the_methods_learning_rates_learns_motion_seen_from_new_vi
         optimizers.optimizer_step_all()
         optimizers.scheduler_step_all(step)
     seconds = time.perf_counter() - start
-    after = held_out_psnr(pipeline, frame)
+    after, error_after = held_out_psnr(pipeline, frame), motion_error(model, frame)
+    print(f"centre offsets' error, as a fraction of the true motion: {error_before:.3f} -> {error_after:.3f}")
     temporal_steps = kinds.count("temporal_sds_loss")
     with torch.no_grad():
         motion = max(float(model.offsets_at(t)[0].norm(dim=-1).max()) for t in (0.25, 0.5, 0.75, 1.0))

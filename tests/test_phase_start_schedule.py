@@ -94,7 +94,7 @@ def test_four_real_schedules_follow_the_stage_lengths_given_on_the_command_line(
     fit_schedules_to_stages(config)
     assert rule_breaches(config, {}) == []
     deformation, per_frame = config.optimizers["deformation"], config.optimizers["per_frame_deformation"]
-    assert learning_rate_at(deformation, 300) == pytest.approx(8e-4) and learning_rate_at(deformation, 0) == 8e-4
+    assert learning_rate_at(deformation, 300) == pytest.approx(8e-4) == learning_rate_at(deformation, 0)
     assert learning_rate_at(deformation, 400) == pytest.approx(1.6e-6)
     assert learning_rate_at(per_frame, 300) == pytest.approx(1.6e-6)
     assert learning_rate_at(config.optimizers["means"], 400) == pytest.approx(1.6e-6)

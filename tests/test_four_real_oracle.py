@@ -45,8 +45,12 @@ CANONICAL_STEPS = 200
 COMPRESSION = CANONICAL_STEPS / four_real.config.pipeline.canonical_steps
 """The one rule that fits 4real's schedule to this test: every stage length and every step count of the learning-rate
 schedules is multiplied by it (20,000 -> 200 steps a stage, 5,000 -> 50 video SDS steps)."""
-MIN_GAIN = 1.0
-"""Least held-out PSNR gain (dB) of stage 5."""
+MIN_GAIN = 2.1
+"""Least held-out PSNR gain (dB) of stage 5. With 4real's former schedules (commit 8db6205) this test measured
+14.23 -> 16.08 dB (+1.84), now 14.07 -> 16.38 dB (+2.31)."""
+MAX_MOTION_ERROR = 0.97
+"""Largest error of the learnt centre offsets after stage 5, as a fraction of the true motion (former schedules:
+1.003, no motion learnt; now 0.947)."""
 
 
 def _camera(c2w: torch.Tensor, resolution: int, time_value: float) -> Cameras:
@@ -277,7 +281,7 @@ def test_stage_five_at_the_methods_learning_rates_learns_motion_seen_from_new_vi
           f"multi-view {len(kinds) - temporal_steps}")
     assert oracle.conditions_checked == config.sds_steps == len(kinds)
     assert 0 < temporal_steps < config.sds_steps
-    assert after - before >= MIN_GAIN
+    assert after - before >= MIN_GAIN and error_after <= MAX_MOTION_ERROR
 
 
 def test_sds_paths_times_and_poses(pipeline):

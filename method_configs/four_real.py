@@ -1,5 +1,13 @@
 """``ns-train 4real --pipeline.prompt "..."``: 4Real, text to a 4D scene through video diffusion (five stages in one
-run, see :mod:`ns_4d_methods.pipelines.four_real_pipeline`)."""
+run, see :mod:`ns_4d_methods.pipelines.four_real_pipeline`): reference video, freeze-time video, cameras by structure
+from motion, then 20k steps of canonical Gaussians (freeze-time frames; multi-view video SDS in the last 5k) and 20k
+of temporal deformation (reference and freeze-time frames; temporal video SDS from registered freeze-time cameras
+other than the reference, and multi-view video SDS along the freeze-time arc, in the last 5k).
+
+Learning rates follow the suite's rule (:mod:`ns_4d_methods.phase_start_schedule`): a group's schedule starts with the
+stage it trains in, so the temporal deformation starts stage 5 at its nominal 8e-4 (one schedule over all 40k steps
+from step 0 would have given it 3.6e-5). ``ns-train`` refits those schedules to --pipeline.canonical-steps and
+--pipeline.temporal-steps."""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from ns_4d_methods.models.four_real import FourRealModelConfig
+from ns_4d_methods.phase_start_schedule import PhaseStartSchedulerConfig
 from ns_4d_methods.pipelines.four_real_pipeline import FourRealPipelineConfig, FourRealTrainerConfig
 
 _CANONICAL, _TEMPORAL, _SDS = 20000, 20000, 5000
@@ -20,6 +29,16 @@ def _decaying(lr: float, lr_final: float, **kwargs) -> dict:
     return {
         "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
         "scheduler": ExponentialDecaySchedulerConfig(lr_final=lr_final, max_steps=_STEPS, **kwargs),
+    }
+
+
+def _stage(lr: float, lr_final: float, start: int, steps: int) -> dict:
+    """A decay that starts with its stage (the suite's rule, :mod:`ns_4d_methods.phase_start_schedule`); ns-train
+    refits start and length to --pipeline.canonical-steps / --pipeline.temporal-steps
+    (``FourRealPipelineConfig.param_group_phases``)."""
+    return {
+        "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
+        "scheduler": PhaseStartSchedulerConfig(lr_final=lr_final, start_step=start, max_steps=steps),
     }
 
 
@@ -51,16 +70,19 @@ four_real = MethodSpecification(
                 camera_optimizer=CameraOptimizerConfig(mode="SO3xR3"),
             ),
         ),
-        # splatfacto's learning rates; the deformation networks' are Deformable-3DGS' (8e-4 decaying to 1.6e-6)
+        # splatfacto's learning rates; the deformation networks' are Deformable-3DGS' (8e-4 decaying to 1.6e-6),
+        # each over its own stage: the per-frame deformation over stage 4 (it keeps its final rate for the
+        # freeze-time frames of stage 5), the temporal deformation over stage 5 from its first step. The canonical
+        # means decay over the whole run, as Deformable-3DGS' positions over its 40k steps.
         optimizers={
-            "means": _decaying(1.6e-4, 1.6e-6),
+            "means": _stage(1.6e-4, 1.6e-6, 0, _STEPS),
             "features_dc": _constant(0.0025),
             "features_rest": _constant(0.0025 / 20),
             "opacities": _constant(0.05),
             "scales": _constant(0.005),
             "quats": _constant(0.001),
-            "deformation": _decaying(8e-4, 1.6e-6),
-            "per_frame_deformation": _decaying(8e-4, 1.6e-6),
+            "deformation": _stage(8e-4, 1.6e-6, _CANONICAL, _TEMPORAL),
+            "per_frame_deformation": _stage(8e-4, 1.6e-6, 0, _CANONICAL),
             "camera_opt": _decaying(1e-4, 5e-7, warmup_steps=1000, lr_pre_warmup=0),
             "bilateral_grid": _decaying(2e-3, 1e-4, warmup_steps=1000, lr_pre_warmup=0),
         },
@@ -69,5 +91,6 @@ four_real = MethodSpecification(
     ),
     description="4Real: text to a photorealistic 4D scene. A reference video and a freeze-time video from a video "
     "diffusion model (or your own), cameras by structure from motion, canonical deformable Gaussians with per-frame "
-    "deformation, then a temporal deformation, each stage ending with video score distillation.",
+    "deformation, then a temporal deformation, each stage ending with video score distillation (temporal paths from "
+    "freeze-time cameras other than the reference one).",
 )

@@ -20,10 +20,14 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio.plugins.types import MethodSpecification
 
 from method_configs.nerfacto_4d import nerfacto_4d
+from method_configs.splatfacto_4d import LR_RULE_EXEMPTIONS as SPLATFACTO_4D_LR_RULE_EXEMPTIONS
 from method_configs.splatfacto_4d import splatfacto_4d
 from ns_4d_methods.data.edited_dataset import EditedFrameDataset
 from ns_4d_methods.models.splatfacto_static import SplatfactoStaticModelConfig
 from ns_4d_methods.pipelines.unified_edit_pipeline import UnifiedEditPipelineConfig
+
+LR_RULE_EXEMPTIONS = SPLATFACTO_4D_LR_RULE_EXEMPTIONS
+"""splatfacto-4d's: unified-edit trains its model with its schedules (:mod:`ns_4d_methods.phase_start_schedule`)."""
 
 _DESCRIPTION = (
     "Unified editing by disentangled self-attention injection: every training view DDIM-inverted and edited by "

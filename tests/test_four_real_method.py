@@ -173,12 +173,13 @@ def test_resume_in_the_middle_of_stage_four_finishes_all_stages(inputs, runs):
     assert sum(state["sds_counts"].values()) == 2 * SDS_STEPS and state["sds_counts"]["multiview"] >= SDS_STEPS
 
     orbit, time_video = video_frames(resumed / "videos" / "orbit.mp4"), video_frames(resumed / "videos" / "time.mp4")
-    assert len(orbit) == len(time_video) == FRAMES and orbit[0].shape == (SIZE, SIZE, 3)
+    space_time = video_frames(resumed / "videos" / "space_time.mp4")
+    assert len(orbit) == len(time_video) == len(space_time) == FRAMES and orbit[0].shape == (SIZE, SIZE, 3)
     metrics = json.loads((resumed / "metrics.json").read_text())
     print("4real metrics:", json.dumps(metrics))
     assert metrics["prompt"] == PROMPT and math.isfinite(metrics["reference_psnr"])
     assert all(Path(path).is_file() and Path(path).is_relative_to(cut) for path in metrics["inputs"].values())
-    assert set(metrics["xclip"]) == {"orbit", "time"}
+    assert set(metrics["xclip"]) == {"orbit", "time", "space_time"}
     assert all(-100.0 <= score <= 100.0 for score in metrics["xclip"].values())
 
 

@@ -211,9 +211,19 @@ def test_stages_write_videos_and_a_resumed_run_regenerates_nothing(ltx_dir: Path
     assert reference.shape == (9, HEIGHT, WIDTH, 3) and freeze_time.shape == (25, HEIGHT, WIDTH, 3)
     assert np.array_equal(freeze_time[canonical_index], reference[4])
     assert (folder / "video.mp4").stat().st_size > 0
-    # resumed: the model is unreachable now, so anything but reading the artefacts back would fail
-    resumed = FreezeTimeConfig(prompt=PROMPT, video_model=str(tmp_path / "gone"))
+    # resumed with its settings: the model is unreachable now, so anything but reading the artefacts back would fail
+    resumed = FreezeTimeConfig(prompt=PROMPT, video_model=str(tmp_path / "gone"), freeze_time_frames=25)
     assert reference_video_stage(resumed, tmp_path) == reference_dir
+    assert freeze_time_stage(resumed, tmp_path) == (folder, canonical_index)
+
+    # a retry with a longer freeze-time video after structure from motion failed (no cameras): made again
+    config.freeze_time_frames = 33
+    with pytest.warns(UserWarning, match="regenerated with --pipeline.freeze-time-frames 33"):
+        folder, canonical_index = freeze_time_stage(config, tmp_path, reference_dir, models)
+    assert load_frames(folder).shape[0] == 33 and np.array_equal(load_frames(folder)[canonical_index], reference[4])
+    # once the cameras exist, the video they pose is kept whatever the settings say
+    (tmp_path / "cameras").mkdir()
+    (tmp_path / "cameras" / "transforms.json").write_text("{}")
     assert freeze_time_stage(resumed, tmp_path) == (folder, canonical_index)
 
 

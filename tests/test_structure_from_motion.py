@@ -97,6 +97,12 @@ def test_cameras_stage_drops_frames_without_a_pose_and_resumes(tmp_path: Path, m
     dataset = tmp_path / "run" / "cameras"
     assert sorted(path.name for path in (dataset / "images").iterdir())[:3] == ["00000.png", "00001.png", "00002.png"]
 
+    # a canonical frame without a pose fails in one line and writes no result, so a rerun starts afresh
+    with pytest.raises(InputError, match=f"frame {unrelated[1]} got no pose .* another --pipeline.sfm.seed"):
+        cameras_stage(tmp_path / "freeze_time", tmp_path / "failed", canonical_index=unrelated[1])
+    assert not (tmp_path / "failed" / "cameras" / "transforms.json").exists()
+    assert not (tmp_path / "failed" / "cameras" / "sparse_pc.ply").exists()
+
     def no_rerun(*args, **kwargs):
         raise AssertionError("structure from motion ran again")
 

@@ -35,9 +35,9 @@ class Recorder:
         self.calls["noise"] = noise.clone()
         return self.prior.add_noise(latents, noise, sigma)
 
-    def predict_velocity(self, noisy, sigma, path=None):
+    def predict_velocity(self, noisy, sigma, path=None, frame_rate=None):
         self.calls["noisy"] = noisy.clone()
-        self.calls["velocity"] = self.prior.predict_velocity(noisy, sigma, path)
+        self.calls["velocity"] = self.prior.predict_velocity(noisy, sigma, path, frame_rate)
         return self.calls["velocity"]
 
     def decode(self, latents, generator=None):
@@ -152,3 +152,21 @@ def test_a_non_ltx_pipeline_is_refused_in_one_line(tmp_path):
     with pytest.raises(InputError) as error:
         VideoModel.load(str(model), VideoGenerationConfig(), field_name="pipeline.sds_model", supported=SDS_PIPELINES)
     assert "CogVideoXPipeline" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_ltx_is_told_the_frame_rate_of_the_renders(prior):
+    """LTX's rotary time coordinates are in seconds (latent frame k at k * 8 / fps): the renders' own frame rate goes
+    in, the model's (25) when none is given."""
+    scales = []
+    hook = prior.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: scales.append(kwargs["rope_interpolation_scale"]), with_kwargs=True
+    )
+    renders, condition = _inputs(4)
+    try:
+        for frame_rate in (None, 8.0):
+            video_sds_loss(renders, condition, prior, 0.5, generator=torch.Generator().manual_seed(5),
+                           frame_rate=frame_rate)  # fmt: skip
+    finally:
+        hook.remove()
+    compression = prior.temporal_compression
+    assert [scale[0] for scale in scales] == [compression / 25, compression / 8.0]

@@ -15,11 +15,18 @@ it. Its datasets (``train_dataset``: the registered freeze-time frames at the ca
 nerfstudio's camera optimizer; ``eval_dataset``: the reference frames from the reference camera, with their times)
 give the viewer, ``ns-render`` and evaluation real cameras and images.
 
-A training batch (:meth:`next_train`) is one frame of the current stage's video: in the canonical stage a random
-freeze-time frame (camera metadata ``cam_idx`` and ``freeze_frame``), in the temporal stage a random reference frame
-(its time, ``previous_time`` the frame before it). :meth:`sds_path` draws 4Real's video SDS paths
-(:mod:`ns_4d_methods.render.sds_camera_paths`), at the resolution of the SDS datamanager's schedule (the height; the
-width keeps the video's aspect, both multiples of the prior's 32 pixels).
+A training batch (:meth:`next_train`) is one frame: in the canonical stage a random freeze-time frame (camera
+metadata ``cam_idx`` and ``freeze_frame``); in the temporal stage a random frame of both videos together, so that the
+freeze-time frames stay supervised while the reference frames (their time, ``previous_time`` the frame before it)
+teach the motion. :meth:`sds_path` draws 4Real's video SDS paths (:mod:`ns_4d_methods.render.sds_camera_paths`), at
+the resolution of the SDS datamanager's schedule (the height; the width keeps the video's aspect, both multiples of
+the prior's 32 pixels):
+
+- temporal: a registered freeze-time camera other than the reference camera, held still, conditioned on its real
+  freeze-time frame (which shows the canonical time), time moving outward from the canonical time to 0 or 1: the
+  motion seen from a viewpoint the reference video does not show;
+- multi-view: a reference frame's time, conditioned on that frame, the reference camera orbiting about the pivot to a
+  random pose within the registered freeze-time arc.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +70,13 @@ class FourRealDataManagerConfig(SDSDataManagerConfig):
     """Steps at which the next SDS resolution starts (one fewer than resolutions)."""
     sds_frames: int = 16
     """Rendered frames per video SDS path, after the conditioning frame (LTX-Video: a multiple of 8)."""
-    max_azimuth: float = 30.0
+    max_azimuth: Optional[float] = None
     """Largest azimuth (degrees, about the reference camera's up axis through the pivot) of the multi-view path's
-    perturbed end pose."""
-    max_elevation: float = 10.0
-    """Largest elevation (degrees, about the reference camera's right axis) of that pose."""
+    perturbed end pose, either way; None: the azimuths the registered freeze-time cameras span (the arc whose frames
+    supervise the scene; a fixed +-30 deg left part of a wider arc unreached and could go past a narrower one)."""
+    max_elevation: Optional[float] = None
+    """Largest elevation (degrees, about the reference camera's right axis) of that pose, either way; None: the
+    elevations the registered freeze-time cameras span."""
     canonical_frame: int = 0
     """Reference-video frame that the freeze-time video shows (the pipeline sets it from its own option)."""
     scene_radius: float = 1.5
@@ -214,7 +223,10 @@ class FourRealDataManager(SDSDataManager):
         self.train_dataset.metadata = {
             "freeze_frames": inputs.num_freeze_frames,
             "canonical_freeze_frame": inputs.canonical_index,
+            "canonical_time": self.canonical_time,
         }
+        self.arc = freeze_time_arc(inputs.cameras, self.reference_index)
+        """(azimuths, elevations) in radians of the registered freeze-time cameras, seen from the reference."""
         reference_cameras = _with_times(
             inputs.cameras[torch.full((num_reference,), self.reference_index)], self.reference_times
         )
@@ -238,17 +250,19 @@ class FourRealDataManager(SDSDataManager):
         return camera
 
     def next_train(self, step: int) -> Tuple[Cameras, Dict]:
-        """One frame of the current stage's video: its camera and ``{"image", "freeze_frame"}`` (canonical) or
-        ``{"image", "time", "previous_time"}`` (temporal)."""
+        """One frame (the module docstring): its camera and ``{"image", "freeze_frame"}`` (a freeze-time frame) or
+        ``{"image", "time", "previous_time"}`` (a reference frame)."""
         self.train_count += 1
-        if self.stage == "canonical":
-            index = int(torch.randint(len(self.train_dataset), (1,), generator=self.generator))
+        num_freeze, num_reference = len(self.train_dataset), len(self.inputs.reference)
+        count = num_freeze if self.stage == "canonical" else num_freeze + num_reference
+        index = int(torch.randint(count, (1,), generator=self.generator))
+        if index < num_freeze:
             camera = self.train_dataset.cameras[index : index + 1]
             frame = self.inputs.freeze_indices[index]
             camera.metadata = {"cam_idx": index, "freeze_frame": frame}
             batch = {"image": self.inputs.freeze[index], "freeze_frame": frame}
         else:
-            index = int(torch.randint(len(self.inputs.reference), (1,), generator=self.generator))
+            index -= num_freeze
             time = float(self.reference_times[index])
             previous = self.reference_times[index - 1 if index > 0 else 1]
             camera = self.reference_camera(time)
@@ -270,39 +284,62 @@ class FourRealDataManager(SDSDataManager):
         self,
         kind: Literal["temporal", "multiview"],
         step: int,
-        reference_pose: Optional[Tensor] = None,
+        refine: Optional[Callable[[Cameras], Tensor]] = None,
         frame: Optional[int] = None,
     ) -> Tuple[Cameras, Tensor]:
-        """A video SDS path and its real conditioning frame [3, h, w] in [0, 1].
+        """A video SDS path (module docstring) and its real conditioning frame [3, h, w] in [0, 1].
 
-        temporal: the reference camera, conditioned on reference frame 0, times from 0 to 1. multi-view: at the time
-        of reference frame ``frame`` (None: a random one), conditioned on that frame, the reference camera orbited
-        about the pivot (the origin) out to a random perturbed pose. ``reference_pose`` [3, 4] (e.g. refined)
-        replaces the stored pose of the reference camera.
+        ``frame``: the multi-view path's reference frame (None: a random one). ``refine`` maps a training camera
+        (with its ``cam_idx``) to its refined pose [1, 3, 4]; None keeps the stored poses.
         """
         config = self.config
         height, width = self.sds_size(step)
-        camera = self.reference_camera(0.0)
+        if kind == "temporal":
+            others = [index for index in range(len(self.inputs.cameras)) if index != self.reference_index]
+            if not others:
+                raise InputError(f"{self.config.data}: only the reference camera is registered; temporal video SDS "
+                                 "needs another freeze-time camera")
+            index = others[int(torch.randint(len(others), (1,), generator=self.generator))]
+        else:
+            index = self.reference_index
+        camera = _with_times(self.inputs.cameras[index : index + 1], torch.tensor([self.canonical_time]))
+        camera.metadata = {"cam_idx": index}
+        if refine is not None:
+            camera.camera_to_worlds = refine(camera).reshape(1, 3, 4).detach().cpu().float()
         camera.metadata = None
-        if reference_pose is not None:
-            camera.camera_to_worlds = reference_pose.reshape(1, 3, 4).detach().cpu().float()
         frame_height, frame_width = self.inputs.reference.shape[1:3]
         camera.fx, camera.cx = camera.fx * width / frame_width, camera.cx * width / frame_width
         camera.fy, camera.cy = camera.fy * height / frame_height, camera.cy * height / frame_height
         camera.width = torch.full_like(camera.width, width)
         camera.height = torch.full_like(camera.height, height)
         if kind == "temporal":
-            frame = 0
-            path = temporal_path(camera, 0.0, 1.0, config.sds_frames)
+            ends = [end for end in (0.0, 1.0) if end != self.canonical_time]
+            end = ends[int(torch.randint(len(ends), (1,), generator=self.generator))]
+            path = temporal_path(camera, self.canonical_time, end, config.sds_frames)
+            image = self.inputs.freeze[index]
         else:
             if frame is None:
                 frame = int(torch.randint(len(self.inputs.reference), (1,), generator=self.generator))
             azimuth, elevation = (
-                math.radians(limit) * float(2.0 * torch.rand(1, generator=self.generator) - 1.0)
-                for limit in (config.max_azimuth, config.max_elevation)
+                self._uniform(*span) if limit is None else math.radians(limit) * self._uniform(-1.0, 1.0)
+                for limit, span in zip((config.max_azimuth, config.max_elevation), self.arc)
             )
             time = float(self.reference_times[frame])
             path = multiview_path(camera, torch.zeros(3), azimuth, elevation, time, config.sds_frames)
-        image = self.inputs.reference[frame].permute(2, 0, 1)[None].float() / 255.0
+            image = self.inputs.reference[frame]
+        image = image.permute(2, 0, 1)[None].float() / 255.0
         condition = F.interpolate(image, size=(height, width), mode="area")[0]
         return path.to(self.device), condition.to(self.device)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand(1, generator=self.generator))
+
+
+def freeze_time_arc(cameras: Cameras, reference_index: int) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """(smallest, largest) azimuth and elevation (radians) of the cameras' centres about the pivot (the origin), in
+    the reference camera's frame: azimuth about its up axis, elevation towards it (as ``orbit_turn`` turns)."""
+    reference = cameras.camera_to_worlds[reference_index]
+    centres = cameras.camera_to_worlds[:, :, 3] @ reference[:, :3]  # in the reference camera's axes
+    azimuths = torch.atan2(centres[:, 0], centres[:, 2])
+    elevations = torch.asin((centres[:, 1] / centres.norm(dim=-1)).clamp(-1.0, 1.0))
+    return (float(azimuths.min()), float(azimuths.max())), (float(elevations.min()), float(elevations.max()))

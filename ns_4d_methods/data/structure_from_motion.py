@@ -154,9 +154,13 @@ def _reconstruct(dataset_dir: Path, names: List[str], config: StructureFromMotio
     return models_dir / str(largest)
 
 
-def run_structure_from_motion(dataset_dir: Path, config: StructureFromMotionConfig | None = None) -> SfMResult:
+def run_structure_from_motion(
+    dataset_dir: Path, config: StructureFromMotionConfig | None = None, required_index: int | None = None
+) -> SfMResult:
     """Poses the frames in ``dataset_dir/images`` (video order = name order) and writes ``transforms.json`` and
-    ``sparse_pc.ply`` next to them. Raises a one-line :class:`InputError` when too few frames get a pose."""
+    ``sparse_pc.ply`` next to them. Raises a one-line :class:`InputError`, having written neither (so that a rerun,
+    e.g. with another ``--pipeline.sfm.seed``, starts afresh), when too few frames get a pose or frame
+    ``required_index`` gets none."""
     dataset_dir, config = Path(dataset_dir), config or StructureFromMotionConfig()
     names = [path.name for path in list_images(dataset_dir / "images")]
     model_dir = _reconstruct(dataset_dir, names, config)
@@ -170,14 +174,22 @@ def run_structure_from_motion(dataset_dir: Path, config: StructureFromMotionConf
             f"(at least {needed} needed); the camera moves too little or the frames disagree: generate a longer "
             f"camera arc (more freeze-time frames) or give a freeze-time video"
         )
+    if required_index is not None and names[required_index] not in registered:
+        raise InputError(
+            f"{dataset_dir / 'images'}: frame {required_index} got no pose from structure from motion (the canonical "
+            f"frame needs one); rerun with another --pipeline.sfm.seed, or generate a longer or smoother camera arc "
+            f"(--pipeline.freeze-time-frames)"
+        )
     dropped = [name for name in names if name not in registered]
     if dropped:
         warnings.warn(f"structure from motion found no pose for {len(dropped)} of {len(names)} frames, dropped: "
                       f"{', '.join(dropped)}", stacklevel=2)  # fmt: skip
 
-    colmap_to_json(model_dir, dataset_dir)
+    written = dataset_dir / "colmap" / "nerfstudio"  # moved into place once complete
+    written.mkdir(exist_ok=True)
+    colmap_to_json(model_dir, written)
     # keep the posed frames in video order, each with its index in the video
-    transforms_path = dataset_dir / TRANSFORMS
+    transforms_path = written / TRANSFORMS
     transforms = json.loads(transforms_path.read_text())
     index_of = {name: index for index, name in enumerate(names)}
     frames = [frame for frame in transforms["frames"] if Path(frame["file_path"]).name in registered]
@@ -186,6 +198,8 @@ def run_structure_from_motion(dataset_dir: Path, config: StructureFromMotionConf
     transforms["frames"] = sorted(frames, key=lambda frame: frame["frame_index"])
     transforms["num_video_frames"] = len(names)
     transforms_path.write_text(json.dumps(transforms, indent=4))
+    (written / POINTS).replace(dataset_dir / POINTS)
+    transforms_path.replace(dataset_dir / TRANSFORMS)  # last: its presence marks a finished stage
     return load_sfm_result(dataset_dir)
 
 
@@ -240,7 +254,7 @@ def cameras_stage(
         images_dir.mkdir(parents=True)
         for index, path in enumerate(list_images(source)):
             shutil.copyfile(path, images_dir / f"{index:05d}{path.suffix.lower()}")
-        result = run_structure_from_motion(dataset_dir, config)
+        result = run_structure_from_motion(dataset_dir, config, canonical_index)
     if canonical_index is not None:
         result.pose_of(canonical_index)
     return result

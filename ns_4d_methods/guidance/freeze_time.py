@@ -20,6 +20,8 @@ first clip) uses seed ``seed + i``. The canonical frame ends at index ``t x (bac
 from __future__ import annotations
 
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
+from ns_4d_methods.data.structure_from_motion import TRANSFORMS
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.video_models import (
     VideoGenerationConfig,
@@ -181,6 +184,15 @@ class FreezeTimeConfig(VideoGenerationConfig):
     """With ``freeze_time_video``: the index of its frame that shows the canonical view (the reference camera)."""
 
 
+def _retry(meta: dict, config: FreezeTimeConfig, run_dir: Path) -> bool:
+    """Whether a generated freeze-time video is to be made again: its frame count or seed differ from the settings
+    and structure from motion has not posed it (a retry after a failed cameras stage; a run past that stage keeps
+    its video, so that its cameras stay valid)."""
+    if config.freeze_time_video is not None or "seed" not in meta or (run_dir / "cameras" / TRANSFORMS).is_file():
+        return False
+    return (int(meta["num_frames"]), int(meta["seed"])) != (config.freeze_time_frames, config.seed)
+
+
 def freeze_time_stage(
     config: FreezeTimeConfig,
     run_dir: Path,
@@ -198,8 +210,12 @@ def freeze_time_stage(
     """
     folder = Path(run_dir) / "freeze_time"
     meta = stage_meta(folder)
-    if meta is not None:
+    if meta is not None and not _retry(meta, config, Path(run_dir)):
         return folder, int(meta["canonical_index"])
+    if meta is not None:
+        warnings.warn(f"{folder}: regenerated with --pipeline.freeze-time-frames {config.freeze_time_frames} and "
+                      f"--pipeline.seed {config.seed} (no cameras were found from the earlier one)", stacklevel=2)
+        shutil.rmtree(folder)
     if config.freeze_time_video is not None:
         frames = read_user_video(
             config.freeze_time_video, "pipeline.freeze_time_video", config.height, config.width, MIN_FREEZE_TIME_FRAMES

@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,6 +33,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from ns_4d_methods.data.camera_drift import camera_drift
 from ns_4d_methods.data.video_io import list_images, probe_video, read_image, read_video
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.model_loading import from_pretrained_or_fail, load_diffusion_pipeline
@@ -109,6 +111,12 @@ class VideoGenerationConfig:
     """Noise mixed into the latents before that decoder."""
     reference_video: Optional[Path] = None
     """A video file or image folder to use as the reference video instead of generating one."""
+    static_camera_wording: str = "The camera is static: a fixed shot, no pan, no zoom."
+    """Appended to the prompt of the generated reference video, which 4Real treats as seen by one static camera
+    (nothing else asks the video model for one); empty: the prompt as it is."""
+    max_camera_drift: float = 0.02
+    """Camera motion of the reference video (:mod:`ns_4d_methods.data.camera_drift`: largest mean corner
+    displacement from frame 0, as a fraction of the diagonal) above which a warning says that it moves."""
 
 
 def _parse_dtype(config: VideoGenerationConfig, family: str, device: torch.device) -> torch.dtype:
@@ -430,11 +438,19 @@ def reference_video_stage(
         )
         meta = {"source": str(config.reference_video)}
     else:
-        prompt = check_prompt(config.prompt)
+        prompt = " ".join(filter(None, (check_prompt(config.prompt), config.static_camera_wording)))
         models = models or VideoModels(config, run_dir, device)
         frames = models.text_to_video().generate_reference_video(
             prompt, config.reference_frames, config.height, config.width, config.num_inference_steps, config.seed
         )
         meta = {"source": config.video_model, "prompt": prompt, "seed": config.seed}
-    return save_video(frames, folder, config.frame_rate, meta)
+    drift = camera_drift(frames)
+    if drift is not None and drift > config.max_camera_drift:
+        warnings.warn(
+            f"the reference video's camera moves ({drift:.1%} of the diagonal from frame 0, more than "
+            f"--pipeline.max-camera-drift {config.max_camera_drift}): 4real treats it as one static camera, so the "
+            f"motion is learnt wrong; regenerate it (another --pipeline.seed) or give a static one",
+            stacklevel=2,
+        )
+    return save_video(frames, folder, config.frame_rate, {**meta, "camera_drift": drift})
 

@@ -42,11 +42,14 @@ class VideoPrior(Protocol):
     def add_noise(self, latents: Tensor, noise: Tensor, sigma: float) -> Tensor:
         """The flow-matching forward process at noise level ``sigma`` in (0, 1)."""
 
-    def predict_velocity(self, noisy: Tensor, sigma: float, path: Optional["Cameras"] = None) -> Tensor:
+    def predict_velocity(
+        self, noisy: Tensor, sigma: float, path: Optional["Cameras"] = None, frame_rate: Optional[float] = None
+    ) -> Tensor:
         """The velocity of ``noisy`` latents at ``sigma``, latent frame 0 being a clean condition (timestep 0).
 
         ``path`` holds the cameras (with times) the frames were rendered from, condition first. Learned priors
-        ignore it; a stand-in prior that knows the scene can render the truth along it.
+        ignore it; a stand-in prior that knows the scene can render the truth along it. ``frame_rate``: frames per
+        second of the video (None: the model's own).
         """
 
     def decode(self, latents: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -78,11 +81,13 @@ def video_sds_loss(
     sigma: float,
     path: Optional[Cameras] = None,
     generator: Optional[torch.Generator] = None,
+    frame_rate: Optional[float] = None,
 ) -> VideoSDSOutput:
     """4Real's video SDS loss of ``renders`` [F, 3, H, W] (F = temporal_compression * k, with gradient) that follow the
     real conditioning frame ``condition`` [3, H, W], both in [0, 1], at noise level ``sigma``.
 
-    ``path`` (cameras with times, the condition's first) is passed on to the prior.
+    ``path`` (cameras with times, the condition's first) and ``frame_rate`` (frames per second the renders have;
+    None: the prior's own) are passed on to the prior.
     """
     count = renders.shape[0] + 1
     if (count - 1) % prior.temporal_compression != 0:
@@ -97,7 +102,7 @@ def video_sds_loss(
         noise = seeded_noise(latents, generator)
         noisy = prior.add_noise(latents, noise, sigma)
         noisy[:, :, :1] = latents[:, :, :1]  # the condition stays clean
-        velocity = prior.predict_velocity(noisy, sigma, path)
+        velocity = prior.predict_velocity(noisy, sigma, path, frame_rate)
         estimate = noisy - sigma * velocity.to(noisy.dtype)
         estimate[:, :, :1] = latents[:, :, :1]
         target = prior.decode(estimate, generator)[1:].to(renders)
@@ -152,7 +157,9 @@ class LTXVideoPrior:
     def add_noise(self, latents: Tensor, noise: Tensor, sigma: float) -> Tensor:
         return (1.0 - sigma) * latents + sigma * noise
 
-    def predict_velocity(self, noisy: Tensor, sigma: float, path: Optional[Cameras] = None) -> Tensor:
+    def predict_velocity(
+        self, noisy: Tensor, sigma: float, path: Optional[Cameras] = None, frame_rate: Optional[float] = None
+    ) -> Tensor:
         _, _, frames, height, width = noisy.shape
         tokens = LTXPipeline._pack_latents(noisy, self.patch_size, self.patch_size_t)
         condition = torch.zeros(1, 1, frames, height, width, device=noisy.device)
@@ -169,8 +176,8 @@ class LTXVideoPrior:
             num_frames=frames,
             height=height,
             width=width,
-            rope_interpolation_scale=(
-                self.temporal_compression / self.settings.frame_rate,
+            rope_interpolation_scale=(  # LTX's positions in seconds: the frame rate the frames really have
+                self.temporal_compression / (frame_rate or self.settings.frame_rate),
                 self.spatial_compression,
                 self.spatial_compression,
             ),

@@ -6,13 +6,15 @@ A camera is rendered in one of three ways, chosen by what it carries:
 - ``metadata["freeze_frame"] = k``: freeze-time frame k, the canonical Gaussians moved by the per-frame deformation
   of frame k (:class:`~ns_4d_methods.fields.per_frame_deformation.PerFrameDeformation`; zero at the canonical frame);
 - a time, once the temporal stage has begun (``temporal = True``, the default outside training): the canonical
-  Gaussians moved to that time by splatfacto-4d's :class:`~ns_4d_methods.fields.deformation_field.DeformationField`;
+  Gaussians moved to that time by splatfacto-4d's :class:`~ns_4d_methods.fields.deformation_field.DeformationField`,
+  pinned to zero at the canonical time: D(x, t) - D(x, t_c), so that stage 5 cannot move the canonical scene;
 - otherwise: the canonical Gaussians as they are (the canonical stage's viewer and multi-view SDS renders).
 
-Losses follow the stage. Canonical: L1 against the freeze-time frame plus the small-motion loss of its per-frame
-deformation. Temporal: splatfacto's L1 + SSIM against the reference frame plus L_norm, L_diff, L_rigid and L_rot
-(:mod:`ns_4d_methods.models.gaussian_regularisers`, neighbours on the canonical centres) between the frame's time
-and the previous frame's. :meth:`render_path` renders a video SDS camera path.
+Losses follow the frame. Every frame: splatfacto's L1 + 0.2 D-SSIM (3DGS). A freeze-time frame (stage 4, and still
+in stage 5): plus the small-motion loss of its per-frame deformation. A reference frame (stage 5): plus L_norm,
+L_diff, L_rigid and L_rot (:mod:`ns_4d_methods.models.gaussian_regularisers`, neighbours on the canonical centres)
+between the frame's time and the previous frame's. :meth:`render_path` renders a video SDS camera path over one
+background colour (a random background per frame would flicker across the clip the video model scores).
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ Offsets = Tuple[Tensor, Tensor, Tensor]
 @dataclass
 class FourRealModelConfig(Splatfacto4DModelConfig):
     """Deformable Gaussians with a per-frame deformation for the freeze-time video (4Real). The temporal deformation
-    starts with stage 5 (the pipeline's ``temporal_steps``), so splatfacto-4d's ``deformation_warmup`` is not used."""
+    starts with stage 5 (the pipeline's ``temporal_steps``), so splatfacto-4d's ``deformation_warmup`` is not used.
+
+    Scale offsets: 4real adds them to the log-scales through splatfacto-4d's shared deformation application (the
+    official Deformable-3DGS adds them after the exponential); it follows splatfacto-4d there, so that both methods
+    change together."""
 
     _target: Type = field(default_factory=lambda: FourRealModel)
     per_frame_code_dim: int = 32
@@ -93,8 +99,11 @@ class FourRealModel(Splatfacto4DModel):
         )
         self.temporal = True
         """Whether times deform the Gaussians (the pipeline turns it off for the canonical stage)."""
+        self.canonical_time = float(self.kwargs["metadata"].get("canonical_time", 0.0))
+        """Time of the canonical frame, where the temporal deformation is zero."""
         self._freeze_frame: Optional[int] = None
         self._path_offsets: Optional[Dict[float, Offsets]] = None  # while a video SDS path renders
+        self._path_background: Optional[Tensor] = None  # one background for all of a path's renders
         self._offsets: Optional[Offsets] = None
         self._neighbours: Optional[Neighbours] = None
 
@@ -105,7 +114,13 @@ class FourRealModel(Splatfacto4DModel):
 
     # ---- deformation -------------------------------------------------------------------------------------------------
     def offsets_at(self, time: float) -> Offsets:
-        """The temporal deformation's offsets of every Gaussian at ``time`` (canonical centres as fixed inputs).
+        """The temporal deformation's offsets of every Gaussian at ``time``: D(x, time) - D(x, t_c), exactly zero at
+        the canonical time."""
+        canonical = self._raw_offsets(self.canonical_time)
+        return tuple(a - b for a, b in zip(self._raw_offsets(time), canonical))  # type: ignore[return-value]
+
+    def _raw_offsets(self, time: float) -> Offsets:
+        """The deformation network's output for every Gaussian at ``time`` (canonical centres as fixed inputs).
 
         While a video SDS path renders, each time is evaluated once (a multi-view path's 16 renders share one) and
         checkpointed: the MLP's activations are recomputed in the backward pass instead of being kept for every
@@ -139,6 +154,9 @@ class FourRealModel(Splatfacto4DModel):
         finally:
             self._freeze_frame = None
 
+    def _get_background_color(self) -> Tensor:
+        return self._path_background if self._path_background is not None else super()._get_background_color()
+
     def _get_downscale_factor(self) -> int:
         return 1 if self._path_offsets is not None else super()._get_downscale_factor()
 
@@ -146,10 +164,11 @@ class FourRealModel(Splatfacto4DModel):
         """Renders [F, 3, H, W] of a video SDS path's cameras 1.. (camera 0 saw the real conditioning frame), at the
         path's full resolution whatever splatfacto's coarse-to-fine schedule says (the prior takes that size)."""
         self._path_offsets = {}
+        self._path_background = super()._get_background_color()  # "random": one draw for the whole path
         try:
             frames = [self.get_outputs(path[k : k + 1].to(self.device))["rgb"] for k in range(1, len(path))]
         finally:
-            self._path_offsets = None
+            self._path_offsets = self._path_background = None
         return torch.stack(frames).permute(0, 3, 1, 2)
 
     # ---- losses ------------------------------------------------------------------------------------------------------
@@ -179,13 +198,11 @@ class FourRealModel(Splatfacto4DModel):
         }
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
-        """Canonical stage (a freeze-time frame): L1 + small motion. Temporal stage (a reference frame with
-        ``previous_time``): L1 + SSIM + the motion regularisers."""
+        """L1 + 0.2 D-SSIM, plus the small-motion loss (a freeze-time frame) or the motion regularisers (a reference
+        frame with ``previous_time``)."""
         losses = super().get_loss_dict(outputs, batch, metrics_dict)
         offsets = self._offsets
         if "freeze_frame" in batch:
-            gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
-            losses["main_loss"] = (gt - outputs["rgb"]).abs().mean()
             if offsets is not None:
                 losses["small_motion_loss"] = self.config.small_motion_weight * small_motion_loss(*offsets)
         elif "previous_time" in batch and offsets is not None:

@@ -76,6 +76,11 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
     mcmc_scale_reg: float = 0.01
     """Weight of the mean-scale loss with strategy "mcmc" (3DGS-MCMC: 0.01)."""
 
+    def param_group_starts(self) -> Dict[str, int]:
+        """First training step of the groups that wait for a phase (the suite's learning-rate rule,
+        :mod:`ns_4d_methods.phase_start_schedule`): the deformation after its static warm-up."""
+        return {"deformation": self.deformation_warmup}
+
 
 def _world_to_camera(camera_to_world: Tensor) -> Tensor:
     """[C, 3, 4] nerfstudio (OpenGL) camera-to-world -> [C, 4, 4] gsplat (OpenCV) world-to-camera.

@@ -1,5 +1,7 @@
-"""X-CLIP score of a video against a text prompt, as 4Real reports it: 100 x the cosine between X-CLIP's text
-embedding of the prompt and its video embedding of 8 evenly spaced frames (4Real's table: 19.5 - 24.8).
+"""X-CLIP score of a video against a text prompt, as 4Real reports it (its table: 19.5 - 24.8): X-CLIP's own
+video-text logit over 8 evenly spaced frames, i.e. 100 x the cosine between the video embedding and the prompt's
+embedding after X-CLIP's video-conditioned prompt generator (the cosine of the bare text features skips that part of
+the model).
 
 The model (``microsoft/xclip-base-patch32`` by default: transformers' ``XCLIPModel`` with its ``XCLIPProcessor``) is
 loaded through the suite's loader; without its weights the score is skipped with one line, not an error.
@@ -35,26 +37,21 @@ class XClipScorer:
         self.processor = from_pretrained_or_fail(XCLIPProcessor, model_id, field_name)
         self.num_frames = int(self.model.config.vision_config.num_frames)
 
-    @staticmethod
-    def _unit(output: torch.Tensor | object) -> torch.Tensor:
-        # transformers 4 returns the projected features, transformers 5 an output object holding them
-        features = output if isinstance(output, torch.Tensor) else output.pooler_output
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
     @torch.no_grad()
     def score(self, frames: Sequence[np.ndarray], prompt: str) -> float:
-        """100 x cosine between ``prompt`` and the video of uint8 ``frames`` [H, W, 3] (``num_frames`` of them,
-        evenly spaced, are embedded)."""
+        """X-CLIP's own video-text logit of ``prompt`` and the video of uint8 ``frames`` [H, W, 3] (``num_frames`` of
+        them, evenly spaced): ``XCLIPModel``'s forward, whose prompt generator conditions the text embedding on the
+        video before the cosine, times its learned logit scale (100 in the released models, so 100 x cosine)."""
         picks = np.linspace(0, len(frames) - 1, self.num_frames).round().astype(int)
-        video = self.processor(videos=[[frames[i] for i in picks]], return_tensors="pt")
-        video_features = self._unit(self.model.get_video_features(pixel_values=video["pixel_values"].to(self.device)))
-        text = self.processor(text=[prompt], return_tensors="pt", padding=True, truncation=True)
-        text_features = self._unit(
-            self.model.get_text_features(
-                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
-            )
+        inputs = self.processor(
+            text=[prompt], videos=[[frames[i] for i in picks]], return_tensors="pt", padding=True, truncation=True
         )
-        return 100.0 * float((video_features * text_features).sum())
+        outputs = self.model(
+            input_ids=inputs["input_ids"].to(self.device),
+            attention_mask=inputs["attention_mask"].to(self.device),
+            pixel_values=inputs["pixel_values"].to(self.device),
+        )
+        return float(outputs.logits_per_video[0, 0])
 
 
 def load_xclip_or_skip(model_id: str, device: torch.device | str, field_name: str) -> Optional[XClipScorer]:

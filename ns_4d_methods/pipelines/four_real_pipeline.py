@@ -8,23 +8,31 @@
    (:func:`~ns_4d_methods.data.structure_from_motion.cameras_stage`): frames without a pose are dropped, the
    reference video is a static camera at the canonical frame's pose, the Gaussians start from the SfM points;
 4. **canonical Gaussians** (``canonical_steps`` training steps) on the freeze-time frames with a per-frame deformation:
-   L1 + the small-motion loss, nerfstudio's camera optimizer refining the poses; multi-view video SDS in the last
-   ``sds_steps``;
-5. **temporal deformation** (``temporal_steps``) on the reference frames from the reference camera: L1 + SSIM,
-   L_norm, L_diff, L_rigid, L_rot; in the last ``sds_steps`` joint temporal and multi-view video SDS, one of the two
-   (weights ``temporal_sds_weight`` and ``multiview_sds_weight``) chosen at random each step.
+   L1 + 0.2 D-SSIM + the small-motion loss, nerfstudio's camera optimizer refining the poses; multi-view video SDS
+   in the last ``sds_steps``;
+5. **temporal deformation** (``temporal_steps``, zero at the canonical time) on the reference frames from the
+   reference camera, the freeze-time frames still supervised (frames drawn from both videos): L1 + D-SSIM, L_norm,
+   L_diff, L_rigid, L_rot; in the last ``sds_steps`` joint temporal video SDS (a registered freeze-time camera other
+   than the reference, time moving outward from the canonical time) and multi-view video SDS (one time, the camera
+   moving within the freeze-time arc), one of the two (weights ``temporal_sds_weight`` and ``multiview_sds_weight``)
+   chosen at random each step.
+
+Each parameter group's learning-rate schedule starts with its stage (:mod:`ns_4d_methods.phase_start_schedule`;
+:meth:`FourRealPipelineConfig.param_group_phases`): the temporal deformation first trains at its nominal 8e-4.
 
 Stages 1-3 run when the pipeline is built (the model's size depends on them) and write their artefacts under the
 run directory (``run_dir``, which ``ns-train`` sets: this run's directory, or the resumed run's with
 ``--load-dir``); each is skipped when its artefacts exist, so a resumed run never regenerates anything. Stages 4-5
 are training steps: the stage follows from the step, and its position is kept in every checkpoint. The stage and its
 progress are printed to the console and shown in the viewer's control panel. At the end of training the run gets
-``videos/orbit.mp4`` (a camera orbit at the canonical time), ``videos/time.mp4`` (the reference camera, time moving)
-and ``metrics.json`` with their X-CLIP scores against the prompt (skipped with one line without X-CLIP weights).
+``videos/orbit.mp4`` (a camera orbit at the canonical time), ``videos/time.mp4`` (the reference camera, time moving),
+``videos/space_time.mp4`` (the camera along the freeze-time arc while time moves) and ``metrics.json`` with their
+X-CLIP scores against the prompt (X-CLIP's own video-text logits; skipped with one line without X-CLIP weights).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -64,6 +72,7 @@ from ns_4d_methods.guidance.video_sds import SDS_PIPELINES, LTXVideoPrior, Video
 from ns_4d_methods.models.four_real import FourRealModel, FourRealModelConfig
 from ns_4d_methods.models.image_metrics import image_metrics
 from ns_4d_methods.models.xclip_score import XCLIP_MODEL, load_xclip_or_skip
+from ns_4d_methods.phase_start_schedule import PhaseStartSchedulerConfig
 from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
 from ns_4d_methods.pipelines.editing_pipeline import progress_bar
 from ns_4d_methods.render.sds_camera_paths import orbit_cameras, time_cameras
@@ -112,6 +121,21 @@ class FourRealPipelineConfig(DynamicPipelineConfig, FreezeTimeConfig):
     """X-CLIP model (hub id or local directory) of metrics.json's video-text score; skipped when not loadable."""
     log_every: int = 500
     """Training steps between two progress lines in the console."""
+
+    def param_group_phases(self) -> Dict[str, Tuple[int, int]]:
+        """(first step, length) of the learning-rate schedules that follow the stages
+        (:mod:`ns_4d_methods.phase_start_schedule`): the canonical means over both stages, the per-frame deformation
+        over stage 4, the temporal deformation over stage 5 from its first step."""
+        canonical, temporal = self.canonical_steps, self.temporal_steps
+        return {
+            "means": (0, canonical + temporal),
+            "per_frame_deformation": (0, canonical),
+            "deformation": (canonical, temporal),
+        }
+
+    def param_group_starts(self) -> Dict[str, int]:
+        """First training step of each parameter group that waits for a stage (the suite's learning-rate rule)."""
+        return {name: start for name, (start, _) in self.param_group_phases().items() if start > 0}
 
 
 @dataclass
@@ -209,16 +233,31 @@ class FourRealPipeline(DynamicPipeline):
         else:
             kind = "temporal" if torch.rand(1, generator=self.generator) < 0.5 else "multiview"
             frame = None
-        reference_pose = self.refined_reference(0.0).camera_to_worlds[0]  # paths start at the refined pose
-        path, condition = self.datamanager.sds_path(kind, step, reference_pose, frame)
+        path, condition = self.datamanager.sds_path(kind, step, self.refined_pose, frame)  # from refined poses
         schedule = config.sds_timesteps  # its own length, mapped onto the stage's SDS steps
         position = round(sds_step / max(config.sds_steps, 1) * schedule.max_steps)
         sigma = max(schedule.sample(position, 1000, self.generator), 1) / 1000.0
         renders = self.model.render_path(path)
-        output = video_sds_loss(renders, condition, self.prior, sigma, path, self.generator)
+        frame_rate = self.path_frame_rate(path)
+        output = video_sds_loss(renders, condition, self.prior, sigma, path, self.generator, frame_rate)
         self.position.sds_counts[kind] += 1
         weight = config.temporal_sds_weight if kind == "temporal" else config.multiview_sds_weight
         return {f"{kind}_sds_loss": weight * output.loss}
+
+    def path_frame_rate(self, path) -> float:
+        """Frames per second of a path's renders: a temporal path steps time by a fraction of the reference video
+        (``frame_rate`` frames per second, times 0 to 1 over its length), so its 16 renders may span 48 frames (8.3
+        fps at 25); a multi-view path (time still) plays at ``frame_rate``, as the freeze-time video."""
+        times = path.times.reshape(-1)
+        step = float((times[-1] - times[0]).abs()) / (len(times) - 1)
+        if step == 0.0:
+            return float(self.config.frame_rate)
+        return float(self.config.frame_rate) / (step * (len(self.datamanager.inputs.reference) - 1))
+
+    @torch.no_grad()
+    def refined_pose(self, camera) -> torch.Tensor:
+        """The camera optimizer's refined pose [1, 3, 4] of a training camera (``cam_idx`` in its metadata)."""
+        return self.model.camera_optimizer.apply_to_camera(camera.to(self.device)).cpu()
 
     @torch.no_grad()
     def refined_reference(self, time: float):
@@ -269,8 +308,9 @@ class FourRealPipeline(DynamicPipeline):
         return frames
 
     def result_videos(self) -> Dict[str, List[np.ndarray]]:
-        """The orbit video (at the canonical time, over the freeze-time cameras' azimuths about the pivot) and the
-        time video (the reference camera, times 0 to 1)."""
+        """The orbit video (at the canonical time, over the freeze-time cameras' azimuths about the pivot), the time
+        video (the reference camera, times 0 to 1) and the space-time video (the orbit's cameras, times 0 to 1: the
+        4D result from viewpoints the reference video does not show)."""
         datamanager = self.datamanager
         reference = self.refined_reference(datamanager.canonical_time)
         centres = datamanager.inputs.cameras.camera_to_worlds[:, :, 3]
@@ -279,14 +319,18 @@ class FourRealPipeline(DynamicPipeline):
         azimuths = torch.remainder(azimuths + math.pi, 2 * math.pi) - math.pi
         count = len(datamanager.inputs.reference)
         sweep = torch.linspace(float(azimuths.min()), float(azimuths.max()), count)
-        pivot = torch.zeros(3)
+        orbit = orbit_cameras(reference, torch.zeros(3), sweep.tolist(), datamanager.canonical_time)
+        space_time = copy.deepcopy(orbit)
+        space_time.times = torch.linspace(0.0, 1.0, count)[:, None]
         return {
-            "orbit": self.render_video(orbit_cameras(reference, pivot, sweep.tolist(), datamanager.canonical_time)),
+            "orbit": self.render_video(orbit),
             "time": self.render_video(time_cameras(reference, count)),
+            "space_time": self.render_video(space_time),
         }
 
     def write_outputs(self, step: Optional[int] = None) -> Dict[str, Any]:
-        """Writes ``videos/{orbit,time}.mp4`` and ``metrics.json`` into the run directory; returns the metrics."""
+        """Writes ``videos/{orbit,time,space_time}.mp4`` and ``metrics.json`` into the run directory; returns the
+        metrics."""
         assert self.output_dir is not None
         self.eval()
         videos = self.result_videos()
@@ -381,6 +425,7 @@ class FourRealTrainer(Trainer4D):
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         config = self.config
+        fit_schedules_to_stages(config)
         if config.pipeline.run_dir is None:
             if config.load_dir is not None:
                 latest_checkpoint(config.load_dir)  # one-line error for a wrong directory
@@ -389,5 +434,14 @@ class FourRealTrainer(Trainer4D):
                 config.pipeline.run_dir = config.load_checkpoint.parent.parent
             else:
                 config.pipeline.run_dir = self.base_dir
-            config.save_config()
+        config.save_config()
         super().setup(test_mode)
+
+
+def fit_schedules_to_stages(config: FourRealTrainerConfig) -> None:
+    """Sets the start and length of the stage-following schedules (``PhaseStartSchedulerConfig``) from the stage
+    lengths in force, so that --pipeline.canonical-steps / --pipeline.temporal-steps move them too."""
+    for name, (start, steps) in config.pipeline.param_group_phases().items():
+        scheduler = config.optimizers.get(name, {}).get("scheduler")
+        if isinstance(scheduler, PhaseStartSchedulerConfig):
+            scheduler.start_step, scheduler.max_steps = start, steps

@@ -6,8 +6,10 @@ with the regularisers and the anchor loss of the official system.
   another one the colour (sigmoid, view-independent). The density is ``softplus(raw + b(x))`` with threestudio's
   "blob_magic3d" bias ``b(x) = 10 (1 - |x| / 0.5)`` that starts the optimisation from a ball at the origin. Normals
   are the analytic ``-grad(density)`` (kept in the graph, so the orientation loss trains the field).
-- **Sampling**: nerfacto-4d's time-aware proposal networks inside the scene box (the official code prunes with a
-  nerfacc occupancy grid, which has no CPU implementation); white background.
+- **Sampling**: nerfacto-4d's time-aware proposal networks inside the scene box (256 + 96 proposal samples, 48
+  field samples per ray, nerfacto's interlevel loss), the default on CUDA and on the CPU; white background. A kept
+  deviation: the official code marches 256 samples per ray through a nerfacc occupancy grid, which has no CPU
+  implementation; one sampler for both keeps the CPU-tested path the one that runs on the GPU.
 - **Rendering many views with gradient** (:meth:`FourDiffusionModel.render_views`): rays are rendered in chunks of
   ``render_chunk_rays``, each under activation checkpointing, so the 32 SDS views hold only their pixels until the
   backward pass recomputes one chunk at a time.
@@ -152,7 +154,9 @@ class FourDiffusionField(SpaceTimeFieldMixin, Field):
 
 @dataclass
 class FourDiffusionModelConfig(Nerfacto4DModelConfig):
-    """The dynamic NeRF of 4Diffusion (grids, heads, regularisers, anchor loss); sampling is nerfacto-4d's."""
+    """The dynamic NeRF of 4Diffusion (grids, heads, regularisers, anchor loss). Sampling is nerfacto-4d's proposal
+    sampler on CUDA and on the CPU (the official occupancy grid, nerfacc's, has no CPU implementation; see the
+    module docstring)."""
 
     _target: Type = field(default_factory=lambda: FourDiffusionModel)
     max_res: int = 4096

@@ -127,8 +127,8 @@ def test_anchor_loss_is_200_lpips_on_01_input_plus_100_one_minus_ssim(torch_home
     assert model.config.anchor_lpips_weight == 200.0 and model.config.anchor_ssim_weight == 100.0
     model.load_anchor_lpips()
     network = model.anchor_lpips._network
-    assert torch.equal(network.net.slice1[0].weight, state["features.0.weight"])  # the written backbone
-    assert torch.equal(network.net.slice5[28].weight, state["features.28.weight"])
+    loaded = {f"features.{k.split('.', 1)[1]}": v for k, v in network.net.state_dict().items()}
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)  # the written VGG
     assert not any(name.startswith("anchor_lpips") for name in model.state_dict())  # VGG stays out of checkpoints
     torch.manual_seed(0)
     render, anchor = torch.rand(1, 3, 32, 32, requires_grad=True), torch.rand(1, 3, 32, 32)
@@ -203,10 +203,10 @@ def test_matting_keeps_the_object_and_whitens_the_rest(models):
 def test_anchor_frames_are_matted_and_the_anchor_view_is_the_official_one(scene, models, tmp_path, monkeypatch):
     """Known mask in (the left half is the object), white background out; the loss renders anchor view 0 at azimuth
     0, 90 deg from the input view."""
-    raw = pipeline_for(scene, models, matting=False)
-    raw.setup_generation(tmp_path / "raw")
+    decoded = []
 
     def left_half(self, images, prompt):
+        decoded.append(images.clone())  # the 4DM frames as decoded, before matting
         mask = torch.zeros(len(images), 1, *images.shape[-2:])
         mask[..., : images.shape[-1] // 2] = 1.0
         return mask
@@ -214,11 +214,14 @@ def test_anchor_frames_are_matted_and_the_anchor_view_is_the_official_one(scene,
     monkeypatch.setattr(ObjectMatting, "foreground", left_half)
     matted = pipeline_for(scene, models)
     matted.setup_generation(tmp_path / "matted")
-    half = raw.anchor.shape[-1] // 2
-    assert raw.anchor.shape == matted.anchor.shape == (8, 4, 3, 64, 64)
-    assert torch.equal(matted.anchor[..., :half], raw.anchor[..., :half])
-    assert torch.all(matted.anchor[..., half:] == 255) and not torch.all(raw.anchor[..., half:] == 255)
-    assert matted.anchor_key != raw.anchor_key  # a checkpoint's anchor is only reused with the same matting
+    raw = (decoded[0] * 255.0 + 0.5).to(torch.uint8).reshape(matted.anchor.shape)
+    half = raw.shape[-1] // 2
+    assert matted.anchor.shape == (8, 4, 3, 64, 64)
+    assert torch.equal(matted.anchor[..., :half], raw[..., :half])
+    assert torch.all(matted.anchor[..., half:] == 255) and not torch.all(raw[..., half:] == 255)
+    unmatted = pipeline_for(scene, models, matting=False)
+    unmatted.datamanager = matted.datamanager
+    assert unmatted._anchor_key() != matted._anchor_key()  # a checkpoint's anchor is reused only with its matting
 
     assert matted.config.anchor_view == 0
     seen = []

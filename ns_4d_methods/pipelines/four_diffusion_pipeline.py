@@ -233,7 +233,9 @@ class FourDiffusionPipeline(DynamicPipeline):
             frames = video.frames[start : start + self.prior.num_frames]
             if frames.shape[-1] != size:
                 frames = F.interpolate(frames, size=(size, size), mode="area")
-            self._conditions[start] = self.prior.encode_condition(frames.to(self.device))
+            # the image latents are posterior samples: seeded, so that the anchor depends on the seed alone
+            generator = torch.Generator().manual_seed(self.config.seed + start)
+            self._conditions[start] = self.prior.encode_condition(frames.to(self.device), generator)
         return self._conditions[start]
 
     def anchor_windows(self) -> List[int]:

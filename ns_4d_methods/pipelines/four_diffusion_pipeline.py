@@ -519,6 +519,8 @@ def _check_config(config: FourDiffusionPipelineConfig) -> None:
         )
     if config.anchor_view not in range(len(ANCHOR_AZIMUTHS_DEG)):
         raise InputError(f"--pipeline.anchor-view {config.anchor_view}: expected 0, 1, 2 or 3")
+    if not 0.0 <= config.matting_threshold < 1.0:
+        raise InputError(f"--pipeline.matting-threshold {config.matting_threshold}: expected a probability in [0, 1)")
     for flag, value in (
         ("anchor-steps", config.anchor_steps),
         ("video-frames", config.video_frames),

@@ -373,7 +373,9 @@ TINY = [
 
 
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # the environment's bin (its ffmpeg, which ns-render needs) first, also when pytest runs without activating it
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=path)
 
 
 def ns(*args: str, **env: str) -> subprocess.CompletedProcess:

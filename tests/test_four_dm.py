@@ -323,3 +323,27 @@ def test_anchor_generation_is_deterministic_given_a_seed(prior):
     other = prior.generate(prompt, condition, cameras, num_steps=2, generator=torch.Generator().manual_seed(8))
     assert first.shape == (8, 4, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= first.min() and first.max() <= 1
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_known_frames_are_pinned_through_the_whole_sampling(prior, monkeypatch):
+    """A longer anchor's blocks share their boundary frame: the frames given as ``known`` are the result's, and at
+    every DDIM step the UNet sees them noised from the known latents with one fixed noise draw."""
+    prompt = prior.encode_prompt("a walking robot", "blurry")
+    condition = prior.encode_condition(torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(0))
+    known = torch.randn(4, 4, LATENT_SIZE, LATENT_SIZE)  # the previous block's last frame, 4 views
+    seen = []
+    predict = prior.predict_noise
+
+    def recording(noisy, timestep, *args):
+        seen.append((noisy[:4].clone(), int(timestep)))
+        return predict(noisy, timestep, *args)
+
+    monkeypatch.setattr(prior, "predict_noise", recording)
+    latents = prior.sample_latents(prompt, condition, anchor_cameras(), 2, 5.0, torch.Generator().manual_seed(7), known)
+    assert latents.shape == (32, 4, LATENT_SIZE, LATENT_SIZE) and torch.equal(latents[:4], known)
+    abar = prior.alphas_cumprod
+    noises = [(noisy - abar[t].sqrt() * known) / (1 - abar[t]).sqrt() for noisy, t in seen]
+    assert len(noises) == 2 and all(torch.allclose(n, noises[0], atol=1e-4) for n in noises)
+    assert abs(float(noises[0].std()) - 1.0) < 0.2  # a noise draw, not the known latents leaking through
+    free = prior.sample_latents(prompt, condition, anchor_cameras(), 2, 5.0, torch.Generator().manual_seed(7))
+    assert not torch.allclose(free[4:], latents[4:])  # the other frames follow the pinned one

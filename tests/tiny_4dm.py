@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from tiny_models import MAX_TOKENS, tiny_clip_text_encoder, tiny_clip_tokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPSegConfig,
+    CLIPSegForImageSegmentation,
+    CLIPSegProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ViTImageProcessor,
+)
 
 from ns_4d_methods.cli.convert import entrypoint as convert
 
@@ -77,3 +85,54 @@ def build_tiny_4dm(path: str | Path, seed: int = 0) -> Path:
         "--image-encoder", str(clip), "--output", str(output),
     ])
     return output
+
+
+def build_tiny_clipseg(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPSeg (the anchor video's matting model): 32 px images, 8 px patches, the character tokenizer;
+    saved with save_pretrained with its CLIPSegProcessor."""
+    tokenizer = tiny_clip_tokenizer()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = CLIPSegConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id, **special,
+        ),
+        vision_config=dict(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        projection_dim=16,
+        extract_layers=[0, 1],
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPSegForImageSegmentation(config).save_pretrained(path)
+    image_processor = ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return Path(path)
+
+
+def write_random_backbone(weights: str, features_only: bool = False) -> dict:
+    """Random weights of the torchvision network that the weights enum name ``weights`` names (AlexNet or VGG16),
+    saved where the enum looks for its file in the torch hub cache ($TORCH_HOME). ``features_only`` (VGG16): only
+    the ``features.*`` tensors LPIPS uses (59 MB instead of 553 MB)."""
+    from torchvision.models import alexnet, vgg16
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from ns_4d_methods.guidance.model_loading import torchvision_cache_path
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if weights.startswith("VGG16") and features_only:  # VGG16's `features` without its 120M-weight classifier
+            state = {f"features.{name}": tensor for name, tensor in make_layers(cfgs["D"]).state_dict().items()}
+        else:
+            state = (vgg16() if weights.startswith("VGG16") else alexnet()).state_dict()
+    path = torchvision_cache_path(weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state

@@ -12,11 +12,12 @@
   image composited on white; its frames are on white already. The video is made once, when training starts (see
   the 4diffusion pipeline, which keeps it in its checkpoints and under ``<run>/input/``).
 - **sampling** (4Diffusion's): ``M`` frames of the ``N`` at ``int(N / M * i)``, composited on white (``rgb * a + 1 -
-  a``), padded to a square with white and resized to ``resolution``. The official code takes ``M = 8`` (25-32-frame
-  inputs: a source frame every 3-4). **Longer videos**: ``num_frames 0`` (the default) keeps that spacing by taking
-  ``M = 8 * max(1, round(N / 32))`` frames; the scene is then fitted at ``M`` instants ``i / (M - 1)`` and every
-  training step sees a window of 8 consecutive instants with a random start (the official code's ``frame_idx``
-  window), so the window slides over the whole video.
+  a``), padded to a square with white and resized to ``resolution``. ``M = 8`` by default, as the official code
+  always takes (25-32-frame inputs: a source frame every 3-4). **Longer videos**, an option: ``num_frames M`` (or
+  ``0``: ``M = 8 * max(1, round(N / 32))``, the official spacing); the scene is then fitted at ``M`` instants
+  ``i / (M - 1)``, every training step sees a window of 8 consecutive instants with a random start (the official
+  code's ``frame_idx`` window), and the anchor video is generated in blocks of 8 that share their boundary frame
+  (see the 4diffusion pipeline).
 
 Bad input (a missing or unreadable file, no alpha and no masks, masks that do not match the frames, fewer than 8
 frames) ends the run with one line naming the file; inputs are only read.
@@ -55,8 +56,9 @@ class ObjectVideoConfig:
 
     masks: Optional[Path] = None
     """Folder of masks, one per source frame in name order (white = object), for inputs without alpha."""
-    num_frames: int = 0
-    """Frames sampled from the video at int(N / M * i); 0: 8 per 32 source frames (at least 8)."""
+    num_frames: int = 8
+    """Frames sampled from the video at int(N / M * i) (the official code: always 8); more fit a longer video at
+    more instants; 0: 8 per 32 source frames (at least 8)."""
     resolution: int = 256
     """Side of the square the sampled frames are padded and resized to."""
     image_to_video: bool = False

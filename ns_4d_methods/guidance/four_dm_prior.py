@@ -244,6 +244,44 @@ class FourDMPrior:
         return torch.cat([per_frame, per_frame[:, -1:]], dim=1).reshape(-1).repeat(2)
 
     @torch.no_grad()
+    def sample_latents(
+        self,
+        prompt: PromptEmbeddings,
+        condition: ImageCondition,
+        cameras: torch.Tensor,
+        num_steps: int = 100,
+        guidance_scale: float = 5.0,
+        generator: Optional[torch.Generator] = None,
+        known: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Clean latents ``[F x V, C, h, w]`` (frames-major) of a multi-view video: diffusers' DDIM (eta 0) from
+        Gaussian noise with classifier-free guidance; the image latents sit in the image-prompt slots at every step
+        (:meth:`predict_noise` writes them).
+
+        ``known`` ``[K x V, C, h, w]``: clean latents of the first K frames (e.g. the previous block's last frame).
+        Before every step they replace those frames' latents, noised to the step's t with one fixed noise draw, and
+        they are the result's first K frames: the other frames are generated consistent with them through the
+        temporal attention.
+        """
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=self.device)
+        shape = (self.num_frames * self.num_views,) + tuple(condition.latents.shape[1:])
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        count = 0 if known is None else len(known)
+        if known is not None:
+            known = known.to(self.device, torch.float32)
+            known_noise = randn_tensor(known.shape, generator=generator, device=self.device, dtype=torch.float32)
+        for t in scheduler.timesteps:
+            if known is not None:
+                latents[:count] = scheduler.add_noise(known, known_noise, t.reshape(1))
+            eps, _ = self.predict_noise(latents, t, cameras, prompt, condition, guidance_scale)
+            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        if known is not None:
+            latents[:count] = known
+        return latents
+
+    @torch.no_grad()
     def generate(
         self,
         prompt: PromptEmbeddings,
@@ -253,16 +291,8 @@ class FourDMPrior:
         guidance_scale: float = 5.0,
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
-        """The anchor multi-view video ``[F, V, 3, S, S]`` in [0, 1]: diffusers' DDIM (eta 0) from Gaussian noise
-        with classifier-free guidance; the image latents sit in the image-prompt slots at every step
-        (:meth:`predict_noise` writes them)."""
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_steps, device=self.device)
-        shape = (self.num_frames * self.num_views,) + tuple(condition.latents.shape[1:])
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            eps, _ = self.predict_noise(latents, t, cameras, prompt, condition, guidance_scale)
-            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        images = self.decode_latents(latents)
+        """The anchor multi-view video ``[F, V, 3, S, S]`` in [0, 1]: :meth:`sample_latents`, decoded."""
+        images = self.decode_latents(
+            self.sample_latents(prompt, condition, cameras, num_steps, guidance_scale, generator)
+        )
         return images.reshape(self.num_frames, self.num_views, *images.shape[1:])

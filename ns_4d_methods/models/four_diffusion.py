@@ -6,8 +6,10 @@ with the regularisers and the anchor loss of the official system.
   another one the colour (sigmoid, view-independent). The density is ``softplus(raw + b(x))`` with threestudio's
   "blob_magic3d" bias ``b(x) = 10 (1 - |x| / 0.5)`` that starts the optimisation from a ball at the origin. Normals
   are the analytic ``-grad(density)`` (kept in the graph, so the orientation loss trains the field).
-- **Sampling**: nerfacto-4d's time-aware proposal networks inside the scene box (the official code prunes with a
-  nerfacc occupancy grid, which has no CPU implementation); white background.
+- **Sampling**: nerfacto-4d's time-aware proposal networks inside the scene box (256 + 96 proposal samples, 48
+  field samples per ray, nerfacto's interlevel loss), the default on CUDA and on the CPU; white background. A kept
+  deviation: the official code marches 256 samples per ray through a nerfacc occupancy grid, which has no CPU
+  implementation; one sampler for both keeps the CPU-tested path the one that runs on the GPU.
 - **Rendering many views with gradient** (:meth:`FourDiffusionModel.render_views`): rays are rendered in chunks of
   ``render_chunk_rays``, each under activation checkpointing, so the 32 SDS views hold only their pixels until the
   backward pass recomputes one chunk at a time.
@@ -15,8 +17,10 @@ with the regularisers and the anchor loss of the official system.
   at one instant, weight 10 -> 1000 over steps 0-5000; sparsity ``mean(sqrt(opacity^2 + 0.01))``, weight 100;
   opacity entropy ``BCE(o, o)``, weight 0 -> 100 at step 10000; nerfacto's interlevel loss trains the proposals.
 - **Anchor loss**: ``200 LPIPS(VGG) + 100 (1 - SSIM)`` between a render and an anchor frame (the official code adds
-  its 100 / 50 weighted terms twice). LPIPS needs torchvision's VGG16 weights on disk; without them the loss is
-  SSIM only, with one warning.
+  its 100 / 50 weighted terms twice), LPIPS fed the [0, 1] images as the official code does. LPIPS's VGG16 backbone
+  is loaded by ``anchor_lpips_weights`` (torchvision enum, downloaded into the torch hub cache, or a local file);
+  without it training stops with one line naming the weights and ``--pipeline.model.anchor-lpips-weight 0``, which
+  trains without the term.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from ns_4d_methods.fields.nerfacto_4d_field import SpaceTimeFieldMixin, SpaceTimeHashEncoding
 from ns_4d_methods.guidance.sds_schedule import ramp
 from ns_4d_methods.models import nerfacto_4d
-from ns_4d_methods.models.image_metrics import LPIPSLoss
+from ns_4d_methods.models.image_metrics import VGG16, LPIPSLoss
 from ns_4d_methods.models.nerfacto_4d import Nerfacto4DModel, Nerfacto4DModelConfig
 
 
@@ -86,6 +90,9 @@ class FourDiffusionField(SpaceTimeFieldMixin, Field):
             implementation=implementation,
         )
 
+        # the heads are PyTorch MLPs whatever `implementation` says: the orientation loss differentiates the normals
+        # (-grad density) again, and tiny-cuda-nn's fully fused MLPs have no double backward (only its grid encoding
+        # has one); the official code also puts PyTorch MLPs on the tcnn encoding
         def head(out_dim: int, activation: Optional[nn.Module]) -> MLP:
             return MLP(
                 in_dim=self.grids.get_out_dim(),
@@ -94,7 +101,7 @@ class FourDiffusionField(SpaceTimeFieldMixin, Field):
                 out_dim=out_dim,
                 activation=nn.ReLU(),
                 out_activation=activation,
-                implementation=implementation,
+                implementation="torch",
             )
 
         self.density_mlp = head(1, None)
@@ -147,7 +154,9 @@ class FourDiffusionField(SpaceTimeFieldMixin, Field):
 
 @dataclass
 class FourDiffusionModelConfig(Nerfacto4DModelConfig):
-    """The dynamic NeRF of 4Diffusion (grids, heads, regularisers, anchor loss); sampling is nerfacto-4d's."""
+    """The dynamic NeRF of 4Diffusion (grids, heads, regularisers, anchor loss). Sampling is nerfacto-4d's proposal
+    sampler on CUDA and on the CPU (the official occupancy grid, nerfacc's, has no CPU implementation; see the
+    module docstring)."""
 
     _target: Type = field(default_factory=lambda: FourDiffusionModel)
     max_res: int = 4096
@@ -185,7 +194,12 @@ class FourDiffusionModelConfig(Nerfacto4DModelConfig):
     opaque_weight: Tuple[float, float, float, float] = (10000, 0.0, 100.0, 10001)
     """Weight of the opacity entropy BCE(o, o): (start_step, start_value, end_value, end_step)."""
     anchor_lpips_weight: float = 200.0
-    """Weight of LPIPS(VGG) in the anchor loss."""
+    """Weight of LPIPS(VGG) in the anchor loss (0: no LPIPS term, no VGG weights needed). The official weight: its
+    config's 100, added twice. Like the official code, LPIPS is fed the images in [0, 1] as they are (the network
+    was trained on [-1, 1]); the weight 200 was tuned with that input."""
+    anchor_lpips_weights: str = VGG16
+    """Backbone of the anchor loss's LPIPS: a torchvision weights enum name (downloaded into the torch hub cache
+    when absent) or a local state-dict file (the official: VGG16's ImageNet weights)."""
     anchor_ssim_weight: float = 100.0
     """Weight of 1 - SSIM in the anchor loss."""
     render_chunk_rays: int = 1 << 15
@@ -224,8 +238,13 @@ class FourDiffusionModel(Nerfacto4DModel):
         with mock.patch.object(nerfacto_4d, "Nerfacto4DField", field_factory):
             super().populate_modules()
         self.collider = AABBBoxCollider(self.scene_box, near_plane=config.near_plane)
-        # LPIPS(VGG) for the anchor loss, outside the module tree (no weights in checkpoints)
-        object.__setattr__(self, "anchor_lpips", LPIPSLoss(net="vgg"))
+        # LPIPS(VGG) for the anchor loss (its network stays out of checkpoints); loaded by load_anchor_lpips
+        self.anchor_lpips = LPIPSLoss(
+            config.anchor_lpips_weights,
+            field_name="--pipeline.model.anchor-lpips-weights",
+            hint="--pipeline.model.anchor-lpips-weight 0 trains without the LPIPS term",
+            rescale_input=False,
+        )
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         field_ = self.field
@@ -331,14 +350,20 @@ class FourDiffusionModel(Nerfacto4DModel):
         weights = self.config.orientation_weight
         return max(weights[1], weights[2]) > 0
 
+    def load_anchor_lpips(self) -> None:
+        """Loads the anchor loss's LPIPS when its term has weight; raises
+        :class:`~ns_4d_methods.guidance.model_loading.WeightsUnavailableError` (one line) without the weights."""
+        if self.config.anchor_lpips_weight > 0:
+            self.anchor_lpips.load()
+
     def anchor_loss(self, render: Tensor, anchor: Tensor) -> Dict[str, Tensor]:
         """``lpips_weight LPIPS + ssim_weight (1 - SSIM)`` of a render and an anchor frame, both [N, 3, H, W] in
-        [0, 1]; SSIM only (one warning) when the LPIPS weights are not on disk."""
+        [0, 1]."""
         config = self.config
         losses = {}
         if config.anchor_ssim_weight > 0:
             ssim = structural_similarity_index_measure(render.float(), anchor.float(), data_range=1.0)
             losses["anchor_ssim"] = config.anchor_ssim_weight * (1.0 - ssim)
-        if config.anchor_lpips_weight > 0 and self.anchor_lpips.available:
+        if config.anchor_lpips_weight > 0:
             losses["anchor_lpips"] = config.anchor_lpips_weight * self.anchor_lpips(render, anchor)
         return losses

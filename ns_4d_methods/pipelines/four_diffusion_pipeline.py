@@ -7,17 +7,19 @@ When training starts (``get_training_callbacks``, after any checkpoint was loade
    checkpoint); the sampled input frames go to ``<run>/input/``;
 3. generates the **anchor video** once: 4DM samples 4 views (azimuths 0/90/180/270 deg, ImageDream's 90/180/270/360,
    the last one being the input view) x 8 instants with DDIM (``anchor_steps`` 100, CFG ``anchor_guidance_scale``
-   5, the demo's negative prompt), conditioned on the input frames; longer inputs get one anchor per block of 8
-   instants. It is written to ``<run>/anchor/`` (one PNG per
-   view and instant, and ``anchor.mp4``) and kept in every checkpoint, so a resumed run reuses it.
+   5, the demo's negative prompt), conditioned on the input frames. Longer inputs (``--pipeline.datamanager.video.
+   num-frames`` above 8) get it in blocks of 8 instants that share their boundary frame: each block is generated
+   with the previous block's last frame(s) pinned (:meth:`FourDMPrior.sample_latents`), so the unseen side does
+   not jump between blocks. Every frame is then matted (``matting_model``, :mod:`ns_4d_methods.guidance.matting`:
+   the object kept, the rest white), as the official code does with rembg. It is written to ``<run>/anchor/``
+   (one PNG per view and instant, and ``anchor.mp4``) and kept in every checkpoint, so a resumed run reuses it.
 
 Every training step then adds
 
 - **4D-aware SDS** (:mod:`ns_4d_methods.guidance.sds_4d`) on the datamanager's 4 views x 8 instants;
-- the **anchor loss**: one random instant, rendered at an anchor view (``anchor_view``; by default the one nearest
-  the input view) at the prior's resolution, against the anchor frame (:meth:`FourDiffusionModel.anchor_loss`). The
-  official code's default, ``anchor_view_num=0``, compares anchor view 0 (azimuth 0, a side view in 4DM's own
-  convention): ``--pipeline.anchor-view 0``;
+- the **anchor loss**: one random instant, rendered at anchor view ``anchor_view`` (official default 0: azimuth 0,
+  90 deg from the input view) at the prior's resolution, against the anchor frame
+  (:meth:`FourDiffusionModel.anchor_loss`);
 - the model's **regularisers** (orientation on the 4 views at one instant of the window, sparsity, opacity entropy,
   the proposal networks' interlevel loss).
 
@@ -52,6 +54,7 @@ from ns_4d_methods.data.video_io import to_frame, write_video
 from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, load_clip_or_skip
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.four_dm_prior import ANCHOR_AZIMUTHS_DEG, FourDMPrior, camera_vector_from_c2w
+from ns_4d_methods.guidance.matting import MATTING_MODEL, ObjectMatting
 from ns_4d_methods.guidance.model_loading import hold_frozen
 from ns_4d_methods.guidance.sds_4d import FourDAwareSDS, FourDAwareSDSConfig
 from ns_4d_methods.models.four_diffusion import FourDiffusionModel, FourDiffusionModelConfig
@@ -102,9 +105,19 @@ class FourDiffusionPipelineConfig(DynamicPipelineConfig):
     """Classifier-free guidance scale of the anchor video."""
     anchor_negative_prompt: str = ANCHOR_NEGATIVE_PROMPT
     """Negative prompt of the anchor video (the official demo's)."""
-    anchor_view: Optional[int] = None
-    """Anchor view of the anchor loss: 0-3 (azimuths 0/90/180/270); default: the one nearest the input view (3 for
-    the default input azimuth -90; the official code's default is 0)."""
+    anchor_view: int = 0
+    """Anchor view of the anchor loss: 0-3, the anchor video's views at azimuths 0/90/180/270 (ImageDream's
+    90/180/270/360). The official default, anchor_view_num 0: azimuth 0, i.e. 90 deg counter-clockwise (seen from
+    above) from the input view at -90, a side view the image prompt does not show (the official code renders it
+    from camera (anchor_view_num + 2) % 4 of its cameras at -180/-90/0/90, the same azimuth). 3 is the input view."""
+    matting: bool = True
+    """Matte every anchor frame (object kept, the rest white) before it becomes a target, as the official code does
+    with rembg; False: the decoded frames as they are."""
+    matting_model: str = MATTING_MODEL
+    """Segmentation model of the matting step (CLIPSeg, prompted with --pipeline.prompt; hub id or local directory).
+    The official code uses rembg's U^2-Net, an ONNX file outside the model hubs."""
+    matting_threshold: float = 0.5
+    """Foreground probability above which an anchor pixel is kept (the official mask: alpha > 0.5)."""
     anchor_resolution: int = 0
     """Render size for the anchor loss; 0: the prior's image size (256 for 4DM)."""
     seed: int = 23
@@ -161,6 +174,7 @@ class FourDiffusionPipeline(DynamicPipeline):
     def setup_generation(self, run_dir: Path) -> None:
         """Loads the prior (unless one is attached already), makes or restores the input video and the anchor."""
         self.run_dir = run_dir
+        self.model.load_anchor_lpips()  # before anything slow: missing LPIPS weights stop the run in one line
         if self.prior is None:
             hold_frozen(self, "prior", self._load_prior())
         prior: FourDMPrior = self.prior
@@ -219,13 +233,16 @@ class FourDiffusionPipeline(DynamicPipeline):
             frames = video.frames[start : start + self.prior.num_frames]
             if frames.shape[-1] != size:
                 frames = F.interpolate(frames, size=(size, size), mode="area")
-            self._conditions[start] = self.prior.encode_condition(frames.to(self.device))
+            # the image latents are posterior samples: seeded, so that the anchor depends on the seed alone
+            generator = torch.Generator().manual_seed(self.config.seed + start)
+            self._conditions[start] = self.prior.encode_condition(frames.to(self.device), generator)
         return self._conditions[start]
 
     def anchor_windows(self) -> List[int]:
-        """Starts of the windows the anchor video is generated in: blocks of 8 instants, the last one ending at M."""
+        """Starts of the blocks of 8 instants the anchor video is generated in: each starts at the previous block's
+        last instant (they share it), the last one ends at M."""
         count, window = self.datamanager.config.num_frames, self.datamanager.config.window
-        starts = list(range(0, count - window + 1, window))
+        starts = list(range(0, count - window + 1, window - 1))
         if starts[-1] + window < count:
             starts.append(count - window)
         return starts
@@ -243,6 +260,7 @@ class FourDiffusionPipeline(DynamicPipeline):
                     config.anchor_steps,
                     config.anchor_guidance_scale,
                     config.seed,
+                    config.matting and (config.matting_model, config.matting_threshold),
                 ]
             ).encode()
         )
@@ -266,11 +284,15 @@ class FourDiffusionPipeline(DynamicPipeline):
 
     @torch.no_grad()
     def generate_anchor(self) -> Tensor:
-        """The anchor video, uint8 [M, 4, 3, S, S]: 4DM's DDIM samples per window of 8 instants."""
+        """The anchor video, uint8 [M, 4, 3, S, S]: 4DM's DDIM samples per block of 8 instants (a block's instants
+        generated before are pinned), matted unless ``matting`` is off."""
         prior, config, datamanager = self.prior, self.config, self.datamanager
         assert prior is not None
         count = datamanager.config.num_frames
-        anchor: Optional[Tensor] = None
+        matting = None  # loaded first: a missing model fails before the slow sampling
+        if config.matting:
+            matting = ObjectMatting(config.matting_model, self.device, "--pipeline.matting-model")
+        latents: Optional[Tensor] = None  # [M, 4, C, h, w]
         generator = torch.Generator().manual_seed(config.seed)
         done = 0
         for start in self.anchor_windows():
@@ -280,21 +302,27 @@ class FourDiffusionPipeline(DynamicPipeline):
                 f"4diffusion: generating the anchor video, instants {start}-{start + prior.num_frames - 1} "
                 f"of {count} ({config.anchor_steps} DDIM steps)"
             )
-            video = prior.generate(
+            block = prior.sample_latents(
                 self._prompts["anchor"],
                 self.condition(start),
                 camera_vector_from_c2w(cameras.camera_to_worlds).to(self.device),
                 num_steps=config.anchor_steps,
                 guidance_scale=config.anchor_guidance_scale,
                 generator=generator,
+                known=None if latents is None else latents[start:done].flatten(0, 1),
             )
-            video = (video.float().clamp(0, 1).cpu() * 255.0 + 0.5).to(torch.uint8)  # [8, 4, 3, S, S]
-            if anchor is None:
-                anchor = torch.zeros(count, *video.shape[1:], dtype=torch.uint8)
-            anchor[done : start + prior.num_frames] = video[done - start :]  # overlapping windows keep the first
+            block = block.reshape(prior.num_frames, prior.num_views, *block.shape[1:])
+            if latents is None:
+                latents = block.new_zeros(count, *block.shape[1:])
+            latents[start : start + prior.num_frames] = block
             done = start + prior.num_frames
-        assert anchor is not None
-        return anchor
+        assert latents is not None
+        images = prior.decode_latents(latents.flatten(0, 1)).cpu()  # [M x 4, 3, S, S]
+        if matting is not None:
+            CONSOLE.log(f"4diffusion: matting the anchor video with {config.matting_model}")
+            images = matting(images, self.prompt, config.matting_threshold)
+        images = (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+        return images.reshape(count, prior.num_views, *images.shape[1:])
 
     def _write_anchor(self) -> None:
         assert self.run_dir is not None and self.anchor is not None
@@ -339,17 +367,6 @@ class FourDiffusionPipeline(DynamicPipeline):
         metrics = {"timestep": torch.tensor(float(sds.timestep)), "resolution": torch.tensor(float(views.resolution))}
         return outputs, loss_dict, metrics
 
-    @property
-    def anchor_view(self) -> int:
-        """The anchor view the anchor loss uses (``anchor_view``, or the one nearest the input view)."""
-        if self.config.anchor_view is not None:
-            return self.config.anchor_view
-        gaps = [
-            abs((azimuth - self.datamanager.config.input_azimuth + 180.0) % 360.0 - 180.0)
-            for azimuth in ANCHOR_AZIMUTHS_DEG
-        ]
-        return int(np.argmin(gaps))
-
     def anchor_resolution(self) -> int:
         assert self.prior is not None
         return self.config.anchor_resolution or self.prior.image_size
@@ -359,7 +376,7 @@ class FourDiffusionPipeline(DynamicPipeline):
         assert self.anchor is not None
         size = self.anchor_resolution()
         datamanager = self.datamanager
-        view = self.anchor_view
+        view = self.config.anchor_view
         camera = datamanager.view_cameras(
             [ANCHOR_AZIMUTHS_DEG[view]], datamanager.frame_times[instant : instant + 1], size
         )
@@ -500,8 +517,10 @@ def _check_config(config: FourDiffusionPipelineConfig) -> None:
         raise InputError(
             '--pipeline.prompt is empty; expected a description of the object, e.g. --pipeline.prompt "a blue jay"'
         )
-    if config.anchor_view is not None and config.anchor_view not in range(len(ANCHOR_AZIMUTHS_DEG)):
+    if config.anchor_view not in range(len(ANCHOR_AZIMUTHS_DEG)):
         raise InputError(f"--pipeline.anchor-view {config.anchor_view}: expected 0, 1, 2 or 3")
+    if not 0.0 <= config.matting_threshold < 1.0:
+        raise InputError(f"--pipeline.matting-threshold {config.matting_threshold}: expected a probability in [0, 1)")
     for flag, value in (
         ("anchor-steps", config.anchor_steps),
         ("video-frames", config.video_frames),

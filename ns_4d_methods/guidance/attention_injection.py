@@ -243,9 +243,10 @@ class AttentionInjectionEditor(torch.nn.Module):
         return self._embeddings[key]
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] -> scaled latents (posterior mean: deterministic), fp32."""
-        self._check_size(images)
+    def encode(self, images: torch.Tensor, multiple: Optional[int] = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> scaled latents (posterior mean: deterministic), fp32. The sides must be
+        multiples of ``multiple`` (default :attr:`size_multiple`, what the UNet needs)."""
+        self._check_size(images, multiple or self.size_multiple)
         vae = self.pipeline.vae
         pixels = images.to(self.device, vae.dtype) * 2.0 - 1.0
         return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
@@ -257,12 +258,13 @@ class AttentionInjectionEditor(torch.nn.Module):
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
-    def _check_size(self, images: torch.Tensor) -> None:
+    @staticmethod
+    def _check_size(images: torch.Tensor, multiple: int) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [batch, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
-        if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {self.size_multiple}")
+        if height % multiple or width % multiple:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {multiple}")
 
     # ---------------------------------------------------------------- hooks
     def _resnet_hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:

@@ -448,11 +448,15 @@ class AttentionInjectionEditor(torch.nn.Module):
 
     # ---------------------------------------------------------------- editing
     @torch.no_grad()
-    def edit_reference(self, image: torch.Tensor, prompt: str) -> Tuple[torch.Tensor, ReferenceContext]:
-        """PnP-edit the reference image [1, 3, H, W] in [0, 1]; returns the edit and its K/V for the other images."""
+    def edit_reference(
+        self, image: torch.Tensor, prompt: str, start: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, ReferenceContext]:
+        """PnP-edit the reference image [1, 3, H, W] in [0, 1]; returns the edit and its K/V for the other images.
+        ``start``: as in :meth:`edit_batch`."""
         trajectory = self.invert(self.encode(image))
+        latents = trajectory[-1] if start is None else self.invert(self.encode(start))[-1]
         context = ReferenceContext()
-        latents = self.sample(trajectory[-1], prompt, source=trajectory, record=context)
+        latents = self.sample(latents, prompt, source=trajectory, record=context)
         return self.decode(latents), context
 
     @torch.no_grad()

@@ -57,7 +57,8 @@ def train_args(method: str, out: Path, name: str, iters: int, models: dict, *ext
         "--machine.device-type", "cpu", "--vis", "tensorboard", "--steps-per-eval-batch", "1000",
         "--steps-per-eval-image", "1000", "--steps-per-eval-all-images", "100000", "--steps-per-save", "1000",
         "--pipeline.prompt", PROMPT, "--pipeline.editor.model", models["sd"], "--pipeline.clip-model", models["clip"],
-        "--pipeline.editor.num-inference-steps", "4", "--pipeline.editor.batch-size", str(BATCH),
+        "--pipeline.editor.num-inference-steps", "4", "--pipeline.editor.inversion-steps", "4",
+        "--pipeline.editor.batch-size", str(BATCH),
         "--pipeline.max-edit-resolution", "32", *extra,
     ]
 
@@ -132,12 +133,16 @@ def test_every_view_is_edited_against_the_reference(runs):
     assert min(differences) > 5
 
     report = json.loads((full / "edit_metrics.json").read_text())
-    print("unified-edit report:", json.dumps(report["all"]))
+    print("unified-edit report:", json.dumps(report["all"]), "scene:", json.dumps(report["scene"]))
     assert report["prompt"] == PROMPT and report["all"]["frames"] == 200
-    for key in ("clip_text_image", "clip_directional", "clip_frame_consistency"):
-        assert -1.0 <= report["all"][key] <= 1.0
-    assert 0.0 < report["all"]["warp_error_original"] < report["all"]["warp_error"]
-    assert 0.5 < report["all"]["warp_valid_fraction"] <= 1.0
+    assert report["scene"]["frames"] == 20  # renders of the fitted scene from D-NeRF's 20 eval cameras
+    for section in ("all", "scene"):
+        for key in ("clip_text_image", "clip_directional", "clip_frame_consistency"):
+            assert -1.0 <= report[section][key] <= 1.0
+        assert 0.0 < report[section]["warp_error_original"]
+        assert 0.5 < report[section]["warp_valid_fraction"] <= 1.0
+    assert report["all"]["warp_error_original"] < report["all"]["warp_error"]
+    assert "scene metrics (renders of the fitted scene, eval cameras)" in log
 
 
 def test_resume_in_the_middle_of_the_pass_gives_the_uninterrupted_edits(runs):
@@ -195,7 +200,8 @@ def test_run_metrics_command(runs, models, tmp_path, capsys):
 
 
 def test_training_reads_the_edited_views(tmp_path, models):
-    """In process: after the edit pass the images that training samples are the stored edits, byte for byte."""
+    """In process: after the edit pass the images that training samples are the stored edits, byte for byte, with the
+    dataset's alpha: composited on the white background exactly where the original is transparent."""
     scene = tmp_path / "scene"
     run([sys.executable, "-m", "ns_4d_methods.cli.sample_scene", str(scene), "--resolution", "64",
          "--num-train", "10", "--num-val", "2", "--num-test", "2"], check=True)
@@ -207,6 +213,7 @@ def test_training_reads_the_edited_views(tmp_path, models):
     pipeline.datamanager.data, pipeline.prompt, pipeline.clip_model = scene, PROMPT, models["clip"]
     pipeline.model.num_random, pipeline.model.deformation_warmup = 500, 0
     pipeline.editor.model, pipeline.editor.num_inference_steps, pipeline.editor.batch_size = models["sd"], 4, 4
+    pipeline.editor.inversion_steps = 4
     pipeline.max_edit_resolution = 32
     config.set_timestamp()
     trainer = config.setup(local_rank=0, world_size=1)
@@ -214,9 +221,16 @@ def test_training_reads_the_edited_views(tmp_path, models):
     trainer.train()
     edited = trainer.pipeline
     assert edited.position.passes == 1 and len(edited.edit_store) == 10
+    transparent = opaque = 0
     for index in range(10):
         cached = edited.datamanager.cached_train[index]["image"]
-        assert torch.equal(cached, torch.from_numpy(edited.edit_store.get(index))), f"view {index}"
+        stored = torch.from_numpy(edited.edit_store.get(index))
+        alpha = torch.from_numpy(edited.train_dataset.original_alpha(index))[..., 0]
+        assert stored.shape[-1] == 4 and torch.equal(stored[..., 3], alpha), f"view {index}: alpha not kept"
+        assert torch.equal(cached[alpha == 255], stored[..., :3][alpha == 255]), f"view {index}"
+        assert torch.all(cached[alpha == 0] == 255), f"view {index}: the edit tints the background"
+        transparent, opaque = transparent + int((alpha == 0).sum()), opaque + int((alpha == 255).sum())
+    assert transparent > 1000 and opaque > 1000
 
 
 def test_static_scene_with_lens_distortion(tmp_path, models):

@@ -264,3 +264,15 @@ def test_streamed_edit_in_batches_reproduces_the_reference_edit(configure):
     # frame 1 is edited in a batch of two here and alone as the reference: equal up to batched float arithmetic
     assert (edited[1] - reference_edit[0]).abs().max() < 1e-4  # measured 1.3e-5
     assert all((frame - original).abs().mean() > 0.01 for frame, original in zip(edited, frames))
+
+
+def test_a_start_image_gives_the_starting_latent_and_the_image_its_structure(configure):
+    """Refresh passes: the render (``start``) is inverted for the starting latent, the original for the structure."""
+    editor = configure(t_resnet=1.0, t_edit=1.0)
+    image, render = images(1, seed=0), images(1, seed=5)
+    _, context = editor.edit_reference(image, PROMPT)
+    plain = editor.edit_batch(image, PROMPT, context)
+    assert torch.equal(editor.edit_batch(image, PROMPT, context, start=image), plain)
+    anchored = editor.edit_batch(image, PROMPT, context, start=render)
+    from_render = editor.edit_batch(render, PROMPT, context)  # what an unanchored refresh pass does
+    assert (anchored - plain).abs().max() > 1e-3 and (anchored - from_render).abs().max() > 1e-3

@@ -7,8 +7,8 @@ The edit runs inside the training loop (no threads), at most one *edit unit* per
 1. **the edit pass.** Its first unit edits the reference view (``reference_view``; default the middle camera's view
    at that camera's middle time) PnP-style and keeps the reference's self-attention K/V; each further unit edits the
    next ``editor.batch_size`` training views, in time order, against that reference (their own structure, the
-   reference's appearance). With the defaults the pass ends after ``ceil((N - 1) / batch_size) + 1`` steps and the rest of
-   training fits the scene to the edited views, as the paper does.
+   reference's appearance). With the defaults the pass ends after ``ceil((N - 1) / batch_size) + 1`` steps and the
+   rest of training fits the scene to the edited views, as the paper does.
 2. **refresh passes** (optional, every ``refresh_every`` steps after a pass ended): the same edit, anchored to the
    originals: the structure features (ResNet, Q/K) still come from the inversion of the original view, and only the
    starting latent from the inversion of the model's current render of it (its camera and time). The renders agree

@@ -125,10 +125,12 @@ def test_images_edit_end_to_end(tmp_path, tiny_sd):
         (lambda d, m: ["video", str(VIDEO), "--model", m, "--t-resnet", "2"], ["t_resnet 2", "[0, 1]"]),
         (lambda d, m: ["video", str(VIDEO), "--model", m, "--steps", "4", "--inversion-steps", "6",
                        "--max-frames", "1", "--height", "32"], ["inversion_steps 6", "sampling timesteps"]),
+        (lambda d, m: ["video", str(VIDEO), "--model", m, "--inversion-steps", "2000", "--max-frames", "1",
+                       "--height", "32"], ["inversion_steps 2000", "at most", "1000"]),
         (lambda d, m: ["video", str(VIDEO), "--model", m, "--output", str(VIDEO)], ["is the input"]),
     ],
     ids=["unreadable-video", "small-panorama", "empty-folder", "missing-dir", "unknown-id", "t-edit", "t-context",
-         "t-resnet", "inversion-steps", "output-is-input"],
+         "t-resnet", "inversion-steps", "too-many-inversion-steps", "output-is-input"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_sd, make_args, fragments):
     (tmp_path / "bad.mp4").write_text("not a video")

@@ -315,8 +315,11 @@ class AttentionInjectionEditor(torch.nn.Module):
         """The inversion's timesteps up to the noisiest sampling timestep, and the positions (in that list) of the
         sampling timesteps, noise ascending."""
         config = self.config
-        self.scheduler.set_timesteps(config.num_inference_steps, device=self.device)
-        self.inverse_scheduler.set_timesteps(config.inversion_steps, device=self.device)
+        for name, scheduler in (("num_inference_steps", self.scheduler), ("inversion_steps", self.inverse_scheduler)):
+            if getattr(config, name) > scheduler.config.num_train_timesteps:
+                raise InputError(f"{name} {getattr(config, name)}: expected at most the model's "
+                                 f"{scheduler.config.num_train_timesteps} training timesteps")
+            scheduler.set_timesteps(getattr(config, name), device=self.device)
         wanted = self.scheduler.timesteps.flip(0).tolist()
         timesteps = self.inverse_scheduler.timesteps
         timesteps = timesteps[timesteps <= wanted[-1]]  # the last sampling latent is where inversion stops

@@ -16,13 +16,17 @@ from huggingface_hub import constants as hub_constants
 from PIL import Image
 from tiny_models import build_tiny_sd_pipeline
 
-from ns_4d_methods.cli.edit import FeatheredCanvas, entrypoint, window_starts
+from ns_4d_methods.cli.edit import entrypoint
 from ns_4d_methods.errors import InputError
+from ns_4d_methods.guidance.panorama_fusion import window_starts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VIDEO = SHARED / "data" / "videos" / "car-turn.mp4"
 SINTEL = SHARED / "data" / "sintel_demo_frames"
-FAST = ["--prompt", "a red car in the snow", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
+FAST = [
+    "--prompt", "a red car in the snow", "--steps", "2", "--inversion-steps", "2", "--device", "cpu",
+    "--batch-size", "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_video_edit_end_to_end(tmp_path, tiny_sd, capsys):
     output = tmp_path / "car_edited.mp4"
     entrypoint([
         "video", str(VIDEO), "--model", tiny_sd, "--height", "64", "--max-frames", "3", "--t-edit", "1",
-        "--t-context", "1", "--batch-size", "2", "--output", str(output), *FAST[:-2],
+        "--t-resnet", "1", "--t-context", "0.5", "--batch-size", "2", "--output", str(output), *FAST[:-2],
     ])
     edited = read_video(output)
     assert len(edited) == 3 and edited[0].shape == (64, 64, 3)
@@ -83,6 +87,8 @@ def test_panorama_edit_end_to_end(tmp_path, tiny_sd, capsys):
     source = panorama(tmp_path / "wide.png")
     before = source.read_bytes()
     entrypoint(["panorama", str(source), "--model", tiny_sd, "--height", "48", "--window", "48", *FAST])
+    printed = capsys.readouterr().out
+    assert "9 windows, no wrap" in printed  # fused in latent space: 224 / 2 = 112 latent columns, windows of 24
     output = tmp_path / "wide_edited.png"
     result = np.asarray(Image.open(output))
     original = np.asarray(Image.open(source).convert("RGB").resize((result.shape[1], 48), Image.BILINEAR))
@@ -90,8 +96,9 @@ def test_panorama_edit_end_to_end(tmp_path, tiny_sd, capsys):
     assert np.abs(original.astype(float) - result).mean() > 10
     assert source.read_bytes() == before
     report = json.loads((tmp_path / "wide_edited.metrics.json").read_text())
-    assert report["frames"] == len(window_starts(225, 48, 0.5))
-    assert "CLIP metrics skipped" in capsys.readouterr().out
+    assert report["frames"] == len(window_starts(225, 48, 0.5))  # scored in pixel windows of the result
+    assert "CLIP metrics skipped" in printed
+    assert ("lpips" in report and 0 < report["lpips"] < 1) or "LPIPS skipped" in printed
 
 
 def test_images_edit_end_to_end(tmp_path, tiny_sd):
@@ -105,21 +112,6 @@ def test_images_edit_end_to_end(tmp_path, tiny_sd):
     assert (tmp_path / "views_edited.metrics.json").is_file()
 
 
-def test_feathered_canvas_blends_without_seams():
-    window, width = 16, 40
-    starts = window_starts(width, window, 0.5)
-    canvas = FeatheredCanvas((window, width, 1), window)
-    for i, x in enumerate(starts):
-        canvas.add(0, x, np.full((window, window, 1), float(i % 2)))  # neighbours disagree completely
-    row = canvas.result()[window // 2, :, 0].astype(float)
-    # a hard seam would jump by 255 between two pixels; the cross-fade spreads it over the overlap
-    assert np.abs(np.diff(row)).max() < 255 / 4
-    same = FeatheredCanvas((window, width, 3), window)
-    for x in starts:
-        same.add(0, x, np.full((window, window, 3), 0.5))
-    assert np.all(same.result() == 128)  # the weights are normalised: agreeing tiles come back unchanged
-
-
 @pytest.mark.parametrize(
     "make_args, fragments",
     [
@@ -130,10 +122,15 @@ def test_feathered_canvas_blends_without_seams():
         (lambda d, m: ["video", str(VIDEO), "--model", "nobody/no-such-model"], ["nobody/no-such-model"]),
         (lambda d, m: ["video", str(VIDEO), "--model", m, "--t-edit", "1.5"], ["t_edit 1.5", "[0, 1]"]),
         (lambda d, m: ["panorama", str(d / "small.png"), "--model", m, "--t-context", "-1"], ["t_context"]),
+        (lambda d, m: ["video", str(VIDEO), "--model", m, "--t-resnet", "2"], ["t_resnet 2", "[0, 1]"]),
+        (lambda d, m: ["video", str(VIDEO), "--model", m, "--steps", "4", "--inversion-steps", "6",
+                       "--max-frames", "1", "--height", "32"], ["inversion_steps 6", "sampling timesteps"]),
+        (lambda d, m: ["video", str(VIDEO), "--model", m, "--inversion-steps", "2000", "--max-frames", "1",
+                       "--height", "32"], ["inversion_steps 2000", "at most", "1000"]),
         (lambda d, m: ["video", str(VIDEO), "--model", m, "--output", str(VIDEO)], ["is the input"]),
     ],
     ids=["unreadable-video", "small-panorama", "empty-folder", "missing-dir", "unknown-id", "t-edit", "t-context",
-         "output-is-input"],
+         "t-resnet", "inversion-steps", "too-many-inversion-steps", "output-is-input"],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_sd, make_args, fragments):
     (tmp_path / "bad.mp4").write_text("not a video")

@@ -6,6 +6,7 @@ model's renders, the static variant on the real fox scene (lens distortion), `ns
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_models import TINY_NERFACTO_4D, build_tiny_clip, build_tiny_sd_pipeline
 from tree_digest import tree_digest
 
@@ -57,7 +59,8 @@ def train_args(method: str, out: Path, name: str, iters: int, models: dict, *ext
         "--machine.device-type", "cpu", "--vis", "tensorboard", "--steps-per-eval-batch", "1000",
         "--steps-per-eval-image", "1000", "--steps-per-eval-all-images", "100000", "--steps-per-save", "1000",
         "--pipeline.prompt", PROMPT, "--pipeline.editor.model", models["sd"], "--pipeline.clip-model", models["clip"],
-        "--pipeline.editor.num-inference-steps", "4", "--pipeline.editor.batch-size", str(BATCH),
+        "--pipeline.editor.num-inference-steps", "4", "--pipeline.editor.inversion-steps", "4",
+        "--pipeline.editor.batch-size", str(BATCH),
         "--pipeline.max-edit-resolution", "32", *extra,
     ]
 
@@ -127,17 +130,28 @@ def test_every_view_is_edited_against_the_reference(runs):
 
     frames = video_frames(full / "edit_videos" / "cam00.mp4")
     assert len(frames) == 200 and frames[0].shape == (64, 128, 3)
-    differences = [np.abs(f[:, :64].astype(float) - f[:, 64:]).mean() for f in frames]  # original | edited
-    print(f"mean |edited - original| per view: min {min(differences):.1f}, max {max(differences):.1f} (of 255)")
-    assert min(differences) > 5
+    # the edits keep the dataset's alpha: the object changes, the white background stays (up to video compression)
+    changes = {"object": [], "background": []}
+    for frame, (key, png) in zip(frames, sorted(edits.items())):
+        alpha = np.asarray(Image.open(io.BytesIO(png)))[..., 3]
+        difference = np.abs(frame[:, :64].astype(float) - frame[:, 64:]).mean(-1)  # original | edited
+        changes["object"].append(difference[alpha == 255].mean())
+        changes["background"].append(difference[alpha == 0].mean())
+    print("mean |edited - original| per view (of 255): "
+          + ", ".join(f"{part} {min(values):.1f} to {max(values):.1f}" for part, values in changes.items()))
+    assert min(changes["object"]) > 10 and max(changes["background"]) < 3
 
     report = json.loads((full / "edit_metrics.json").read_text())
-    print("unified-edit report:", json.dumps(report["all"]))
+    print("unified-edit report:", json.dumps(report["all"]), "scene:", json.dumps(report["scene"]))
     assert report["prompt"] == PROMPT and report["all"]["frames"] == 200
-    for key in ("clip_text_image", "clip_directional", "clip_frame_consistency"):
-        assert -1.0 <= report["all"][key] <= 1.0
-    assert 0.0 < report["all"]["warp_error_original"] < report["all"]["warp_error"]
-    assert 0.5 < report["all"]["warp_valid_fraction"] <= 1.0
+    assert report["scene"]["frames"] == 20  # renders of the fitted scene from D-NeRF's 20 eval cameras
+    for section in ("all", "scene"):
+        for key in ("clip_text_image", "clip_directional", "clip_frame_consistency"):
+            assert -1.0 <= report[section][key] <= 1.0
+        assert 0.0 < report[section]["warp_error_original"]
+        assert 0.5 < report[section]["warp_valid_fraction"] <= 1.0
+    assert report["all"]["warp_error_original"] < report["all"]["warp_error"]
+    assert "scene metrics (renders of the fitted scene, eval cameras)" in log
 
 
 def test_resume_in_the_middle_of_the_pass_gives_the_uninterrupted_edits(runs):
@@ -195,7 +209,8 @@ def test_run_metrics_command(runs, models, tmp_path, capsys):
 
 
 def test_training_reads_the_edited_views(tmp_path, models):
-    """In process: after the edit pass the images that training samples are the stored edits, byte for byte."""
+    """In process: after the edit pass the images that training samples are the stored edits, byte for byte, with the
+    dataset's alpha: composited on the white background exactly where the original is transparent."""
     scene = tmp_path / "scene"
     run([sys.executable, "-m", "ns_4d_methods.cli.sample_scene", str(scene), "--resolution", "64",
          "--num-train", "10", "--num-val", "2", "--num-test", "2"], check=True)
@@ -207,6 +222,7 @@ def test_training_reads_the_edited_views(tmp_path, models):
     pipeline.datamanager.data, pipeline.prompt, pipeline.clip_model = scene, PROMPT, models["clip"]
     pipeline.model.num_random, pipeline.model.deformation_warmup = 500, 0
     pipeline.editor.model, pipeline.editor.num_inference_steps, pipeline.editor.batch_size = models["sd"], 4, 4
+    pipeline.editor.inversion_steps = 4
     pipeline.max_edit_resolution = 32
     config.set_timestamp()
     trainer = config.setup(local_rank=0, world_size=1)
@@ -214,9 +230,16 @@ def test_training_reads_the_edited_views(tmp_path, models):
     trainer.train()
     edited = trainer.pipeline
     assert edited.position.passes == 1 and len(edited.edit_store) == 10
+    transparent = opaque = 0
     for index in range(10):
         cached = edited.datamanager.cached_train[index]["image"]
-        assert torch.equal(cached, torch.from_numpy(edited.edit_store.get(index))), f"view {index}"
+        stored = torch.from_numpy(edited.edit_store.get(index))
+        alpha = torch.from_numpy(edited.train_dataset.original_alpha(index))[..., 0]
+        assert stored.shape[-1] == 4 and torch.equal(stored[..., 3], alpha), f"view {index}: alpha not kept"
+        assert torch.equal(cached[alpha == 255], stored[..., :3][alpha == 255]), f"view {index}"
+        assert torch.all(cached[alpha == 0] == 255), f"view {index}: the edit tints the background"
+        transparent, opaque = transparent + int((alpha == 0).sum()), opaque + int((alpha == 255).sum())
+    assert transparent > 1000 and opaque > 1000
 
 
 def test_static_scene_with_lens_distortion(tmp_path, models):

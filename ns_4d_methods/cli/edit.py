@@ -3,8 +3,9 @@ self-attention injection editor (:mod:`ns_4d_methods.guidance.attention_injectio
 
 - ``ns-4d-edit video IN.mp4 --prompt "..."``: every frame, batched against one reference frame; frames stream from
   and to disk, so memory does not grow with the video's length.
-- ``ns-4d-edit panorama IN.jpg --prompt "..."``: overlapping square windows, edited against a shared reference
-  window and blended back with feathered (tent) weights, so window borders leave no seams.
+- ``ns-4d-edit panorama IN.jpg --prompt "..."``: overlapping square windows of one latent canvas, edited against a
+  shared reference window and averaged in latent space after every step (:mod:`ns_4d_methods.guidance.panorama_fusion`);
+  a 360-degree panorama (2:1, or ``--wrap on``) wraps around, so its ends continue each other. Its report adds LPIPS.
 - ``ns-4d-edit images DIR --prompt "..."``: every image of a folder (views of a scene) against one reference view.
 - ``ns-4d-edit metrics ORIGINAL EDITED --prompt "..."``: the metrics of an existing edit.
 - ``ns-4d-edit run RUN_DIR``: the metrics of an editing run (``instruct4d``, ``unified-edit``), per camera.
@@ -15,10 +16,10 @@ Each edit writes its result (never over the input) and a ``<output stem>.metrics
 from __future__ import annotations
 
 import json
-import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import imageio_ffmpeg
 import numpy as np
@@ -34,7 +35,11 @@ from ns_4d_methods.data.video_io import (
     IMAGE_SUFFIXES, Size, list_images, probe_video, read_image, read_video, resize, to_frame, to_tensor,
 )
 from ns_4d_methods.errors import InputError
-from ns_4d_methods.guidance.attention_injection import SD21_BASE, AttentionInjectionConfig, AttentionInjectionEditor
+from ns_4d_methods.guidance.attention_injection import (
+    PNP_NEGATIVE_PROMPT, SD21_BASE, AttentionInjectionConfig, AttentionInjectionEditor,
+)
+from ns_4d_methods.guidance.panorama_fusion import PanoramaWindows, edit_panorama, is_full_circle, window_starts
+from ns_4d_methods.models.image_metrics import LazyLPIPS
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,45 +49,22 @@ def fit_size(size: Size, height: Optional[int], multiple: int) -> Size:
     return tuple(max(multiple, int(round(side * scale / multiple)) * multiple) for side in size)  # type: ignore
 
 
-def window_starts(length: int, window: int, overlap: float) -> List[int]:
-    """Evenly spaced starts of windows covering ``[0, length)`` that overlap by at least ``overlap``."""
-    stride = max(1, int(window * (1.0 - overlap)))
-    count = math.ceil((length - window) / stride) + 1
-    return [int(round(i * (length - window) / max(count - 1, 1))) for i in range(count)]
-
-
 def crop(image: np.ndarray, y: int, x: int, side: int) -> np.ndarray:
     return image[y : y + side, x : x + side]
 
 
-def feather(window: int) -> np.ndarray:
-    """Tent weights [window, window]: 1 in the middle, falling towards every border, positive everywhere."""
-    ramp = np.minimum(np.arange(window) + 1.0, window - np.arange(window)) / math.ceil(window / 2)
-    return np.outer(ramp, ramp)
-
-
-class FeatheredCanvas:
-    """Blends overlapping square tiles into one image with :func:`feather` weights (normalised per pixel).
-
-    A pixel's value is the weighted mean of the tiles covering it; each tile's weight fades to almost nothing at its
-    border, where a neighbour's is near its peak, so tiles cross-fade over the overlap instead of meeting at a seam.
-    """
-
-    def __init__(self, shape: Tuple[int, int, int], window: int) -> None:
-        self.window = window
-        self.weights = feather(window)[..., None]
-        self.total = np.zeros(shape, dtype=np.float64)
-        self.weight = np.zeros(shape[:2] + (1,), dtype=np.float64)
-
-    def add(self, y: int, x: int, tile: np.ndarray) -> None:
-        """Add a float tile [window, window, C] whose top-left corner is (y, x)."""
-        region = (slice(y, y + self.window), slice(x, x + self.window))
-        self.total[region] += self.weights * tile
-        self.weight[region] += self.weights
-
-    def result(self) -> np.ndarray:
-        """The blended image as uint8, from tiles in [0, 1]; every pixel must be covered."""
-        return (np.clip(self.total / self.weight, 0, 1) * 255.0).round().astype(np.uint8)
+def lpips_report(pairs: List[Tuple[np.ndarray, np.ndarray]]) -> Dict[str, float]:
+    """``{"lpips": mean LPIPS (AlexNet) of the (original, edited) pairs}``, or {} after one line when its weights are
+    not on disk (nothing is downloaded)."""
+    metric = LazyLPIPS()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = metric.available
+    if not available:
+        print(f"LPIPS skipped: {caught[0].message if caught else 'weights not found'}")
+        return {}
+    scores = [metric(to_tensor(original)[None], to_tensor(edited)[None]).item() for original, edited in pairs]
+    return {"lpips": float(np.mean(scores))}
 
 
 # ---------------------------------------------------------------- commands
@@ -94,18 +76,23 @@ class EditOptions:
     """The edit prompt: a description of the edited result (e.g. "a red sports car on a snowy road")."""
     source_prompt: str = ""
     """A description of the input: the DDIM inversion prompt and CLIP's source text (PnP inverts with "")."""
-    negative_prompt: str = ""
-    """Prompt of the unconditional guidance branch."""
+    negative_prompt: str = PNP_NEGATIVE_PROMPT
+    """Prompt of the unconditional guidance branch (PnP's default)."""
     model: str = SD21_BASE
     """Stable Diffusion to edit with: a hub id or a local directory saved with save_pretrained."""
     steps: int = 50
-    """DDIM steps for the inversion and for the edit."""
+    """DDIM sampling steps of the edit."""
+    inversion_steps: int = 1000
+    """DDIM inversion steps (PnP: one per training timestep); the latents at the sampling timesteps are kept."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale of the edit."""
-    t_edit: float = 0.8
-    """Fraction of the steps with structure injection (ResNet features, self-attention Q/K), in [0, 1]."""
+    t_resnet: float = 0.8
+    """Fraction of the sampling steps, from the noisiest, with the image's inverted ResNet features, in [0, 1]."""
+    t_edit: float = 0.5
+    """Fraction of the sampling steps, from the noisiest, with the image's inverted self-attention Q/K, in [0, 1]."""
     t_context: float = 0.5
-    """Fraction of the steps in which images take self-attention K/V from the reference, in [0, 1]."""
+    """Fraction of the sampling steps after which (to the last step) images take the reference's self-attention K/V,
+    in [0, 1]."""
     batch_size: int = 4
     """Images edited at once against the reference (memory grows with it, not with the input's length)."""
     reference: Optional[int] = None
@@ -119,8 +106,9 @@ class EditOptions:
 
     def editor_config(self) -> AttentionInjectionConfig:
         return AttentionInjectionConfig(
-            model=self.model, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-            t_edit=self.t_edit, t_context=self.t_context, negative_prompt=self.negative_prompt,
+            model=self.model, num_inference_steps=self.steps, inversion_steps=self.inversion_steps,
+            guidance_scale=self.guidance_scale, t_resnet=self.t_resnet, t_edit=self.t_edit, t_context=self.t_context,
+            negative_prompt=self.negative_prompt,
             inversion_prompt=self.source_prompt, batch_size=self.batch_size,
         )
 
@@ -137,9 +125,12 @@ class EditOptions:
             raise InputError(f"--reference {index}: expected a {what} index in [0, {count - 1}]")
         return index
 
-    def report(self, pairs: Iterator[Tuple[np.ndarray, np.ndarray]], output: Path, temporal: bool) -> None:
+    def report(
+        self, pairs: Iterator[Tuple[np.ndarray, np.ndarray]], output: Path, temporal: bool,
+        extra: Optional[Dict] = None,
+    ) -> None:
         clip = load_clip_or_skip(self.clip_model, self.device, "--clip-model")
-        report = edit_metrics(pairs, self.prompt, self.source_prompt, clip, temporal)
+        report = {**edit_metrics(pairs, self.prompt, self.source_prompt, clip, temporal), **(extra or {})}
         path = output.parent / f"{output.stem}.metrics.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(format_report(report))
@@ -187,7 +178,7 @@ class EditVideo(EditOptions):
 
 @dataclass(kw_only=True)
 class EditPanorama(EditOptions):
-    """Edit a wide image in overlapping windows against a shared reference window and blend them back."""
+    """Edit a wide image in overlapping windows fused in latent space at every step, against a shared reference."""
 
     input: tyro.conf.Positional[Path]
     """The panorama (any image file)."""
@@ -197,14 +188,8 @@ class EditPanorama(EditOptions):
     """Least overlap of neighbouring windows, as a fraction of the window, in [0, 1)."""
     height: Optional[int] = None
     """Resize the panorama to this height first (the width keeps the aspect ratio)."""
-
-    def windows(self, size: Size) -> List[Tuple[int, int]]:
-        if size[0] < self.window or size[1] < self.window:
-            raise InputError(
-                f"{self.input}: {size[1]}x{size[0]} is smaller than one {self.window}x{self.window} window"
-            )
-        ys, xs = (window_starts(side, self.window, self.overlap) for side in size)
-        return [(y, x) for y in ys for x in xs]
+    wrap: Literal["auto", "on", "off"] = "auto"
+    """Whether the panorama covers 360 degrees, so that windows wrap across its ends: "auto" when it is 2:1."""
 
     def main(self) -> None:
         config = self.editor_config()
@@ -214,23 +199,28 @@ class EditPanorama(EditOptions):
         if self.height:
             scale = self.height / panorama.shape[0]
             panorama = resize(panorama, (self.height, max(1, int(round(panorama.shape[1] * scale)))))
-        windows = self.windows(panorama.shape[:2])
-        y, x = windows[self.reference_index(len(windows), "window")]
+        height, width = panorama.shape[:2]
+        if height < self.window or width < self.window:
+            raise InputError(f"{self.input}: {width}x{height} is smaller than one {self.window}x{self.window} window")
         output = self.output_path(self.input, self.input.with_name(f"{self.input.stem}_edited.png"))
         editor = AttentionInjectionEditor(config, self.device, field_name="--model")
         if self.window % editor.size_multiple:
             raise InputError(f"--window {self.window}: expected a multiple of {editor.size_multiple} for this model")
-        reference = to_tensor(crop(panorama, y, x, self.window))
-        canvas = FeatheredCanvas(panorama.shape, self.window)
-        crops = (to_tensor(crop(panorama, y, x, self.window)) for y, x in windows)
-        edits = editor.edit(crops, reference, self.prompt)
-        for (y, x), edited in tqdm(zip(windows, edits), total=len(windows), unit="window"):
-            canvas.add(y, x, edited.permute(1, 2, 0).double().numpy())
-        result = canvas.result()
+        factor = editor.pipeline.vae_scale_factor
+        size = fit_size((height, width), None, factor)  # the latent canvas needs sides in whole latent pixels
+        wrap = self.wrap == "on" or (self.wrap == "auto" and is_full_circle(height, width))
+        windows = PanoramaWindows.cover(size[0] // factor, size[1] // factor, self.window // factor, self.overlap, wrap)
+        index = self.reference_index(len(windows.starts), "window")
+        edited = edit_panorama(
+            editor, to_tensor(resize(panorama, size)), self.prompt, self.window, self.overlap, wrap, index
+        )
+        result = resize(to_frame(edited), (height, width))
         Image.fromarray(result).save(output)
-        print(f"Wrote {output} ({result.shape[1]}x{result.shape[0]}, {len(windows)} windows)")
-        pairs = ((crop(panorama, y, x, self.window), crop(result, y, x, self.window)) for y, x in windows)
-        self.report(pairs, output, temporal=False)
+        print(f"Wrote {output} ({width}x{height}, {len(windows.starts)} windows, "
+              f"{'wrapping around 360 degrees' if wrap else 'no wrap'})")
+        ys, xs = (window_starts(side, self.window, self.overlap) for side in (height, width))
+        pairs = [(crop(panorama, y, x, self.window), crop(result, y, x, self.window)) for y in ys for x in xs]
+        self.report(iter(pairs), output, temporal=False, extra=lpips_report(pairs))
 
 
 @dataclass(kw_only=True)

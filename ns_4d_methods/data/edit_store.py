@@ -44,7 +44,8 @@ class EditStore:
         return self.root / f"cam{camera:02d}" / f"frame{frame:05d}.png"
 
     def put(self, image_idx: int, key: Key, image: np.ndarray) -> Path:
-        """Stores an edited image ([H, W, 3] uint8, or float in [0, 1]) for dataset image ``image_idx``."""
+        """Stores an edited image ([H, W, 3] or with alpha [H, W, 4]; uint8, or float in [0, 1]) for dataset image
+        ``image_idx``."""
         if image.dtype != np.uint8:
             image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         path = self.path_for(key)
@@ -56,12 +57,13 @@ class EditStore:
         return path
 
     def get(self, image_idx: int) -> Optional[np.ndarray]:
-        """The edited image for ``image_idx`` as [H, W, 3] uint8, or None if it was never edited."""
+        """The edited image for ``image_idx`` as [H, W, 3] uint8 ([H, W, 4] if stored with alpha), or None if it was
+        never edited."""
         entry = self._index.get(image_idx)
         if entry is None:
             return None
         with Image.open(self.root / entry["file"]) as im:
-            return np.array(im.convert("RGB"))  # writable: nerfstudio wraps it in a tensor
+            return np.array(im.convert("RGBA" if "A" in im.getbands() else "RGB"))  # writable: nerfstudio wraps it
 
     def state(self) -> Dict:
         """What a checkpoint keeps: where the edits are and which images they replace."""

@@ -42,6 +42,12 @@ class EditedFrameDataset(N3DVFrameDataset):
         with self._originals():
             return self.get_image_float32(image_idx)[..., :3]
 
+    def original_alpha(self, image_idx: int) -> Optional[npt.NDArray[np.uint8]]:
+        """The unedited image's alpha channel [H, W, 1] uint8, or None for images without one."""
+        with self._originals():
+            image = self.get_numpy_image(image_idx)
+        return image[..., 3:] if image.shape[-1] == 4 else None
+
     def current_image(self, image_idx: int) -> torch.Tensor:
         """The image training uses now (edited or original), [H, W, 3] float32 in [0, 1]."""
         return self.get_image_float32(image_idx)[..., :3]

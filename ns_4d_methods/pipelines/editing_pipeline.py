@@ -13,7 +13,9 @@ An :class:`EditingPipeline` reads its training images through
 - refreshes the train dataloader's image cache after edits, for ray-sampling and full-image datamanagers alike;
 - renders training views (camera and time) for edits that start from the model's current images;
 - at the end of training writes the original | edited videos and their metric report
-  (:mod:`ns_4d_methods.editing.comparison_videos`).
+  (:mod:`ns_4d_methods.editing.comparison_videos`), with the scores of the fitted scene's renders from the eval
+  cameras (``scene``) beside those of the edited training images (``all``);
+- keeps the dataset's alpha on edited images (:meth:`EditingPipeline.with_dataset_alpha`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import torch
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -33,7 +36,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from ns_4d_methods.data.edit_store import EditStore
 from ns_4d_methods.data.edited_dataset import EditedFrameDataset
 from ns_4d_methods.editing.comparison_videos import ComparisonGroup, run_metrics, write_comparison_videos
-from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, format_report, load_clip_or_skip
+from ns_4d_methods.editing.edit_metrics import CLIP_MODEL, ClipEmbedder, edit_metrics, format_report, load_clip_or_skip
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipeline, DynamicPipelineConfig
 
@@ -253,10 +256,19 @@ class EditingPipeline(DynamicPipeline):
         return {key: value.cpu() for key, value in self.model.get_outputs_for_camera(camera).items()}
 
     def put(self, index: int, image: torch.Tensor) -> None:
-        """Stores the edit [H, W, 3] in [0, 1] of training image ``index``."""
+        """Stores the edit [H, W, 3] in [0, 1] of training image ``index``, with the original's alpha if it has one."""
         assert self.edit_store is not None
-        self.edit_store.put(index, self._keys[index], image.detach().cpu().numpy())
+        self.edit_store.put(index, self._keys[index], self.with_dataset_alpha(index, image.detach().cpu().numpy()))
         self._stale.add(index)
+
+    def with_dataset_alpha(self, index: int, image: np.ndarray) -> np.ndarray:
+        """The edit [H, W, 3] in [0, 1] with training image ``index``'s own alpha appended, so that training
+        composites it on the dataset's background exactly as the original: the diffusion model tints the
+        background differently in every view, which a white-background model would otherwise learn as floaters."""
+        alpha = self.train_dataset.original_alpha(index)
+        if alpha is None:
+            return image
+        return np.concatenate([image.clip(0.0, 1.0), alpha.astype(np.float32) / 255.0], axis=-1)
 
     def refresh_train_images(self, indices: Optional[Iterable[int]] = None) -> None:
         """Makes the train dataloader see the current versions of ``indices`` (default: those edited since the last
@@ -306,7 +318,47 @@ class EditingPipeline(DynamicPipeline):
         CONSOLE.log(f"{self.method}: original|edited videos in {folder}")
         clip = load_clip_or_skip(self.config.clip_model, self.device, "--pipeline.clip-model")
         report = run_metrics(self.run_dir, clip)
+        scene = self.scene_metrics(clip, prompt, source_prompt)
+        if scene is not None:
+            report["scene"] = scene
+            CONSOLE.print(f"{self.method} scene metrics (renders of the fitted scene, eval cameras):\n"
+                          f"{format_report(scene)}")
         (self.run_dir / "edit_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        CONSOLE.print(f"{self.method} edit metrics (all cameras):\n{format_report(report['all'])}")
+        CONSOLE.print(f"{self.method} edit metrics (edited training images, all cameras):\n"
+                      f"{format_report(report['all'])}")
         return report
+
+    @torch.no_grad()
+    def scene_metrics(self, clip: Optional[ClipEmbedder], prompt: str, source_prompt: str) -> Optional[Dict]:
+        """The edit metrics of the fitted scene: its renders from the eval cameras (in time order) against the
+        original eval images, as the paper scores the edited scene rather than the edited training images; None
+        without eval images. Warp errors only for time-aware data."""
+        dataset = getattr(self.datamanager, "eval_dataset", None)
+        if dataset is None or len(dataset) == 0:
+            return None
+        times = dataset.cameras.times
+        order = sorted(range(len(dataset)), key=lambda i: float(times[i]) if times is not None else i)
+        was_training = self.model.training
+        self.model.eval()
+
+        def pairs() -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+            for index in order:
+                camera = dataset.cameras[index : index + 1].to(self.device)
+                render = self.model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
+                original = dataset.get_image_float32(index)[..., :3]
+                if render.shape[:2] != original.shape[:2]:
+                    render = torch.nn.functional.interpolate(
+                        render.permute(2, 0, 1)[None], size=original.shape[:2], mode="bilinear", antialias=True
+                    )[0].permute(1, 2, 0)
+                yield to_uint8(original), to_uint8(render)
+
+        try:
+            return edit_metrics(pairs(), prompt, source_prompt, clip, temporal=times is not None)
+        finally:
+            self.model.train(was_training)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[H, W, 3] float in [0, 1] -> uint8 on the CPU."""
+    return (image.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 

@@ -4,15 +4,17 @@
 The edit runs inside the training loop (no threads), at most one *edit unit* per training step, every
 ``steps_per_edit_unit`` steps from ``edit_start_step`` on:
 
-1. **the edit pass.** Its first unit edits the reference view (``reference_view``; default the middle training view
-   in time) PnP-style and keeps the reference's self-attention K/V; each further unit edits the next
-   ``editor.batch_size`` training views, in time order, against that reference (their own structure, the reference's
-   appearance). With the defaults the pass ends after ``ceil((N - 1) / batch_size) + 1`` steps and the rest of
-   training fits the scene to the edited views, as the paper does.
-2. **refresh passes** (optional, every ``refresh_every`` steps after a pass ended): the same edit, but each view is
-   inverted from the model's current render of it (its camera and time) instead of the original. The renders agree
+1. **the edit pass.** Its first unit edits the reference view (``reference_view``; default the middle camera's view
+   at that camera's middle time) PnP-style and keeps the reference's self-attention K/V; each further unit edits the
+   next ``editor.batch_size`` training views, in time order, against that reference (their own structure, the
+   reference's appearance). With the defaults the pass ends after ``ceil((N - 1) / batch_size) + 1`` steps and the
+   rest of training fits the scene to the edited views, as the paper does.
+2. **refresh passes** (optional, every ``refresh_every`` steps after a pass ended): the same edit, anchored to the
+   originals: the structure features (ResNet, Q/K) still come from the inversion of the original view, and only the
+   starting latent from the inversion of the model's current render of it (its camera and time). The renders agree
    across views because one scene produced them, so re-editing them pulls the views' edits together (the iterative
-   dataset update of Instruct-NeRF2NeRF, with this paper's editor).
+   dataset update of Instruct-NeRF2NeRF, with this paper's editor), while the anchor keeps each pass from editing
+   the previous pass's edit.
 
 Views are edited at one size (the reference's, long side at most ``max_edit_resolution``, sides rounded to the
 model's size multiple) and resized back to their own. DDIM inversion and DDIM sampling have no randomness, so every
@@ -66,7 +68,8 @@ class UnifiedEditPipelineConfig(EditingPipelineConfig):
     editor: AttentionInjectionConfig = field(default_factory=AttentionInjectionConfig)
     """The injection editor: model, DDIM steps, guidance, t_edit / t_context, inversion prompt, batch size."""
     reference_view: Optional[int] = None
-    """Training image index of the reference view (default: the middle training view in time)."""
+    """Training image index of the reference view (default: the middle camera's view at that camera's middle time;
+    on single-camera data, the middle training view in time)."""
     max_edit_resolution: int = 512
     """Long side, in pixels, that views are edited at (at most)."""
     steps_per_edit_unit: int = 1
@@ -98,7 +101,8 @@ class UnifiedEditPipeline(EditingPipeline):
         super().__init__(config, *args, **kwargs)
         order = [index for group in self.cameras for index in group.indices]
         if config.reference_view is None:
-            self.reference = order[len(order) // 2]
+            middle = self.cameras[len(self.cameras) // 2]
+            self.reference = middle.indices[len(middle.indices) // 2]
         elif 0 <= config.reference_view < len(order):
             self.reference = config.reference_view
         else:
@@ -156,12 +160,18 @@ class UnifiedEditPipeline(EditingPipeline):
         self.refresh_train_images()
 
     # ---- editing ---------------------------------------------------------------------------------------------------
-    def _source(self, indices: List[int]) -> torch.Tensor:
-        """What the views are inverted from, [B, 3, h, w] at the edit size: the originals in the first pass, the
-        model's renders in refresh passes."""
-        refresh = self.position.passes > 0
-        images = [self.render(i)["rgb"] if refresh else self.train_dataset.original_image(i) for i in indices]
+    def _images(self, indices: List[int], renders: bool) -> torch.Tensor:
+        """The views' originals, or the model's renders of them, [B, 3, h, w] at the edit size."""
+        images = [self.render(i)["rgb"] if renders else self.train_dataset.original_image(i) for i in indices]
         return torch.cat([resize(image.permute(2, 0, 1)[None].float(), self.edit_size) for image in images])
+
+    def _inputs(self, indices: List[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What the views' structure comes from (the originals) and, in refresh passes, what their starting latents
+        come from (the renders)."""
+        assert self.editor is not None
+        device = self.editor.device
+        start = self._images(indices, renders=True).to(device) if self.position.passes > 0 else None
+        return self._images(indices, renders=False).to(device), start
 
     def _store(self, indices: List[int], edits: torch.Tensor) -> None:
         for index, edit in zip(indices, edits):
@@ -170,8 +180,8 @@ class UnifiedEditPipeline(EditingPipeline):
 
     def _edit_reference(self) -> None:
         assert self.editor is not None
-        source = self._source([self.reference]).to(self.editor.device)
-        edited, self._context = self.editor.edit_reference(source, self.position.prompt)
+        source, start = self._inputs([self.reference])
+        edited, self._context = self.editor.edit_reference(source, self.position.prompt, start)
         self._store([self.reference], edited)
         CONSOLE.log(
             f"unified-edit {self._pass_name()}: reference view {self.reference} edited "
@@ -180,8 +190,8 @@ class UnifiedEditPipeline(EditingPipeline):
 
     def _edit_batch(self, indices: List[int]) -> None:
         assert self.editor is not None and self._context is not None
-        source = self._source(indices).to(self.editor.device)
-        self._store(indices, self.editor.edit_batch(source, self.position.prompt, self._context))
+        source, start = self._inputs(indices)
+        self._store(indices, self.editor.edit_batch(source, self.position.prompt, self._context, start))
         done = self.position.unit_in_pass
         CONSOLE.log(
             f"unified-edit {self._pass_name()}: batch {done}/{len(self.batches)} "

@@ -39,7 +39,9 @@ def peak_bytes(device: str) -> int:
 
 
 def run_one(model: str, frames: int, size: int, steps: int, batch_size: int, device: str) -> dict:
-    config = AttentionInjectionConfig(model=model, num_inference_steps=steps, batch_size=batch_size)
+    config = AttentionInjectionConfig(
+        model=model, num_inference_steps=steps, inversion_steps=steps, batch_size=batch_size
+    )
     editor = AttentionInjectionEditor(config, device)
     model_bytes = peak_bytes(device)
     images = torch.rand(frames, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -74,7 +76,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as model:
         build_tiny_sd_pipeline(model)
-        print(f"tiny SD, {args.steps} DDIM steps, t_edit 0.8, t_context 0.5, batch {args.batch_size}, {args.device}")
+        print(f"tiny SD, {args.steps} DDIM steps (inversion as many), t_resnet 0.8, t_edit 0.5, t_context 0.5, "
+              f"batch {args.batch_size}, {args.device}")
         header = f"{'frames':>6} {'px':>4} {'ref s':>7} {'s/frame':>8} {'total s':>8} {'CPU s/frame':>12} " \
                  f"{'model MiB':>10} {'peak MiB':>9} {'K/V cache MiB':>14}"
         print(header)

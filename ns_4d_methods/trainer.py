@@ -155,6 +155,9 @@ class Trainer4D(Trainer):
             return
         step = state["step"]
         self.pipeline.load_pipeline(state["pipeline"], step)
+        # splatfacto's load_state_dict replaces the Gaussians' Parameters (resized to the checkpoint's count): the
+        # optimizers built before would step the old ones and the loaded Gaussians would never train again.
+        self.optimizers = self.setup_optimizers()
         self.optimizers.load_optimizers(state["optimizers"])
         if "schedulers" in state and config.load_scheduler:
             self.optimizers.load_schedulers(state["schedulers"])

@@ -52,7 +52,9 @@ def latest_checkpoint(load_dir: Path, field_name: str = "--load-dir") -> Path:
         raise InputError(f"{field_name} {load_dir}: directory does not exist (expected a run's nerfstudio_models/)")
     checkpoints = checkpoints_of(load_dir)
     if not checkpoints:
-        raise InputError(f"{field_name} {load_dir}: no step-*.ckpt checkpoint found (expected a run's nerfstudio_models/)")
+        raise InputError(
+            f"{field_name} {load_dir}: no step-*.ckpt checkpoint found (expected a run's nerfstudio_models/)"
+        )
     return checkpoints[-1]
 
 

@@ -20,19 +20,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import test_four_real_method as four_real
 from ns_4d_methods.trainer import Trainer4D
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 STEPS, SAVE_EVERY = 20, 5
+four_real_inputs = pytest.fixture(scope="module", name="four_real_inputs")(four_real.inputs.__wrapped__)
 SPLATFACTO = ["splatfacto-4d", "--pipeline.model.num-random", "500", "--pipeline.model.deformation-warmup", "0"]
 NERFACTO = [
     "nerfacto-4d", "--pipeline.model.num-levels", "4", "--pipeline.model.max-res", "32",
     "--pipeline.model.log2-hashmap-size", "10", "--pipeline.model.max-res-4d", "32",
     "--pipeline.model.log2-hashmap-size-4d", "10", "--pipeline.model.num-nerf-samples-per-ray", "8",
-    "--pipeline.model.num-proposal-samples-per-ray", "16", "8", "--pipeline.datamanager.train-num-rays-per-batch", "128",
-    "--pipeline.datamanager.eval-num-rays-per-batch", "128",
+    "--pipeline.model.num-proposal-samples-per-ray", "16", "8",
+    "--pipeline.datamanager.train-num-rays-per-batch", "128", "--pipeline.datamanager.eval-num-rays-per-batch", "128",
 ]  # fmt: skip
 
 
@@ -104,7 +106,7 @@ def splatfacto_runs(scene, tmp_path_factory) -> SimpleNamespace:
     killed = killed_run(SPLATFACTO, scene, out, "killed")
     resumed = run(train_args(SPLATFACTO, scene, out, "resumed", STEPS, "--load-dir", str(killed / "nerfstudio_models")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return SimpleNamespace(out=out, killed=killed, resumed=resumed, run_dir=lambda name: out / "exp" / SPLATFACTO[0] / name)
+    return SimpleNamespace(run_dir=lambda name: out / "exp" / SPLATFACTO[0] / name)
 
 
 def test_killed_splatfacto_4d_resumes_to_the_planned_total_and_equals_the_uninterrupted_run(splatfacto_runs):
@@ -119,7 +121,8 @@ def test_nerfacto_4d_killed_and_resumed_equals_the_uninterrupted_run(scene, tmp_
     full = run(train_args(NERFACTO, scene, tmp_path, "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     killed = killed_run(NERFACTO, scene, tmp_path, "killed")
-    resumed = run(train_args(NERFACTO, scene, tmp_path, "resumed", STEPS, "--load-dir", str(killed / "nerfstudio_models")))
+    load_dir = str(killed / "nerfstudio_models")
+    resumed = run(train_args(NERFACTO, scene, tmp_path, "resumed", STEPS, "--load-dir", load_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step, parameters = step_and_parameters(tmp_path / "exp" / "nerfacto-4d" / "resumed")
     full_step, full_parameters = step_and_parameters(tmp_path / "exp" / "nerfacto-4d" / "full")
@@ -177,3 +180,26 @@ def test_second_ctrl_c_exits_at_once():
             time.sleep(1.0)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+
+def test_four_real_stopped_in_stage_four_and_resumed_through_stage_five_equals_the_uninterrupted_run(four_real_inputs):
+    """4real with tiny models: CUT steps into stage 4 (of STAGE_STEPS), then resumed across the boundary to the end
+    of stage 5, against 2 * STAGE_STEPS uninterrupted steps. Both use the stage 1-3 artefacts of the uninterrupted
+    run (``--pipeline.run-dir``), so that every run starts training from the same state."""
+    inputs, full = four_real_inputs, four_real.run_dir(four_real_inputs, "full")
+    steps = 2 * four_real.STAGE_STEPS
+    result = four_real.run(four_real.train_args(inputs, "full", steps, *four_real.user_video_args(inputs)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    artefacts = ["--pipeline.run-dir", str(full), *four_real.user_video_args(inputs)]
+    result = four_real.run(four_real.train_args(inputs, "cut", four_real.CUT, *artefacts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cut = four_real.run_dir(inputs, "cut") / "nerfstudio_models"
+    result = four_real.run(four_real.train_args(inputs, "resumed", steps, "--load-dir", str(cut), *artefacts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = four_real.console_text(result.stdout)
+    assert "stage 5/5 temporal deformation" in log
+    step, parameters = step_and_parameters(four_real.run_dir(inputs, "resumed"))
+    full_step, full_parameters = step_and_parameters(full)
+    assert step == full_step == steps - 1
+    assert_same_parameters(parameters, full_parameters)

@@ -27,6 +27,7 @@ import torch
 from nerfstudio.configs.base_config import MachineConfig
 from nerfstudio.engine.optimizers import OptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -67,8 +68,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def _reason(error: BaseException) -> str:
+    """The first sentence of an error's message (torch's zip errors go on for lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return lines[0][:160]
+    return lines[0].split(". ")[0].rstrip(".")[:160]
 
 
 def warn(message: str) -> None:
@@ -78,13 +80,12 @@ def warn(message: str) -> None:
 
 def newest_readable_checkpoint(load_dir: Path, load_step: Optional[int]) -> Tuple[Path, Dict[str, Any]]:
     """``--load-dir``'s checkpoint and its contents: ``--load-step``'s if given, else the newest that can be read."""
-    candidates = list(reversed(checkpoints_of(load_dir))) if load_dir.is_dir() else []
+    latest_checkpoint(load_dir)  # the one-line error for a missing or empty directory
+    candidates = list(reversed(checkpoints_of(load_dir)))
     if load_step is not None:
         candidates = [path for path in candidates if checkpoint_step(path) == load_step]
         if not candidates:
             raise InputError(f"--load-step {load_step}: no such checkpoint in {load_dir}")
-    elif not candidates:
-        latest_checkpoint(load_dir)  # the one-line error for a missing or empty directory
     for path in candidates:
         try:
             return path, read_checkpoint(path)
@@ -138,6 +139,7 @@ class Trainer4D(Trainer):
         self._resume_state: Optional[Dict[str, Any]] = None
         self._last_done = -1
         self._interrupted = False
+        self._previous_handler: Any = None
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -203,8 +205,10 @@ class Trainer4D(Trainer):
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
+        for stale in self.checkpoint_dir.glob(".*.ckpt.partial"):  # left by a kill during a write
+            stale.unlink()
         if self.config.save_only_latest_checkpoint:
-            for old in [*self.checkpoint_dir.glob("*.ckpt"), *self.checkpoint_dir.glob(".*.ckpt.partial")]:
+            for old in self.checkpoint_dir.glob("*.ckpt"):
                 if old != path:
                     old.unlink()
 
@@ -212,26 +216,29 @@ class Trainer4D(Trainer):
     def train(self) -> None:
         """nerfstudio's loop (``range(start, start + max_num_iterations)``), given the steps left to the run's end."""
         planned = self.config.max_num_iterations
-        self.step = self._start_step - 1  # the last step done, also when nothing is left to train
-        self.config.max_num_iterations = max(self.run_start + planned - self._start_step, 0)
-        previous = self._catch_interrupts()
+        if self._start_step >= self.run_start + planned:
+            # nerfstudio's loop and writer fail without a step; the checkpoint loaded is this run's end already.
+            CONSOLE.print(f"Nothing left to train: the run's total is {planned} steps (--max-num-iterations)")
+            self._train_complete_viewer()
+            return
+        self.config.max_num_iterations = self.run_start + planned - self._start_step
+        self._catch_interrupts()
         try:
             super().train()
         finally:
             self.config.max_num_iterations = planned
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            self._release_interrupts()
 
     def train_iteration(self, step: int):
         result = super().train_iteration(step)
         self._last_done = step
         return result
 
-    def _catch_interrupts(self) -> Any:
-        """Makes the first Ctrl-C stop training after the current step (nerfstudio's ``stop_training``); the handler
-        it replaces, or None where signals cannot be caught (not the main thread)."""
+    def _catch_interrupts(self) -> None:
+        """Makes the first Ctrl-C stop training after the current step (nerfstudio's ``stop_training``); only in the
+        main thread, where signals can be caught."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return
 
         def stop(signum, frame) -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C raises KeyboardInterrupt
@@ -239,9 +246,16 @@ class Trainer4D(Trainer):
             print("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to exit at once)", file=sys.stderr,
                   flush=True)
 
-        return signal.signal(signal.SIGINT, stop)
+        self._previous_handler = signal.signal(signal.SIGINT, stop)
+
+    def _release_interrupts(self) -> None:
+        """Gives Ctrl-C back to the handler before training (nerfstudio's viewer waits for it after training)."""
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
 
     def _after_train(self) -> None:
+        self._release_interrupts()
         if not self._interrupted:
             super()._after_train()
             return
@@ -251,6 +265,7 @@ class Trainer4D(Trainer):
             self.save_checkpoint(self._last_done)
             print(f"interrupted: checkpoint of step {self._last_done} saved in {self.checkpoint_dir}; resume with "
                   f"--load-dir {self.checkpoint_dir}", file=sys.stderr, flush=True)
+        writer.write_out_storage()
         self.shutdown()
         raise SystemExit(130)  # the status of a process ended by Ctrl-C
 

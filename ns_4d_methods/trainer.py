@@ -8,7 +8,8 @@
   one warning line and loads the newest readable one; bad paths and no readable checkpoint are one-line errors.
 - Checkpoints carry the random and sampling state (:mod:`ns_4d_methods.resume_state`), put back once the pipeline has
   set up its training (after ``get_training_callbacks``), so that on the CPU a killed and resumed run ends with the same
-  parameters as one that never stopped.
+  parameters as one that never stopped, bit for bit at the same thread count. On CUDA only nearly: gsplat's
+  rasterization backward and tiny-cuda-nn's hash-grid backward add gradients with atomics, in no fixed order.
 - The first Ctrl-C ends training after the current step and saves a checkpoint of it; a second exits at once.
 """
 

@@ -452,7 +452,7 @@ def runs(tmp_path_factory, models, scene) -> dict:
     resumed = train(
         out,
         "resumed",
-        2,
+        6,  # the run's total: 2 steps more than the first run's 4
         models,
         "--load-dir",
         str(out / "exp/4diffusion/first/nerfstudio_models"),

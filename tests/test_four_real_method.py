@@ -130,7 +130,7 @@ def runs(inputs) -> dict:
     assert cut.returncode == 0, cut.stderr[-3000:]
     times = artefact_times(run_dir(inputs, "cut"))
     resumed = run(train_args(
-        inputs, "resumed", 2 * STAGE_STEPS - CUT, "--load-dir", str(run_dir(inputs, "cut") / "nerfstudio_models"),
+        inputs, "resumed", 2 * STAGE_STEPS, "--load-dir", str(run_dir(inputs, "cut") / "nerfstudio_models"),
         *user_video_args(inputs),
     ))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -380,7 +380,8 @@ def test_monocular_edits_are_written_under_the_run_and_change_the_frames(monocul
 @pytest.fixture(scope="module")
 def resumed(monocular, tiny_ip2p):
     root, first = monocular
-    result = train("instruct4d", root / "out", "edit2", 4, *dnerf_args(),
+    # --max-num-iterations is the edit run's total: 6 steps done, 4 more (the run counts from the reconstruction's end)
+    result = train("instruct4d", root / "out", "edit2", 10, *dnerf_args(),
                    *edit_args(tiny_ip2p, first / "nerfstudio_models", "--pipeline.steps-per-edit-unit", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     return first, root / "out" / "exp" / "instruct4d" / "edit2"

@@ -59,9 +59,9 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = sorted((tmp_path / "out" / "exp" / "splatfacto-4d" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
     steps = [int(p.stem.split("-")[1]) for p in resumed]
-    # nerfstudio runs --max-num-iterations more steps after the loaded one: resumed at 60, it ends at 139
-    # (a fresh start would end at 79).
-    assert steps == [139], steps
+    # --max-num-iterations is the run's total: resumed at 60, it ends at 79, as a fresh 80-step run would (nerfstudio
+    # would run 80 more, to 139).
+    assert steps == [79], steps
 
 
 @pytest.mark.parametrize("bad", ["missing", "empty"])

@@ -97,7 +97,7 @@ def models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, models) -> dict:
     """The D-NeRF runs: "full" (8 steps, one edit pass), "cut" (3 steps: the reference and 2 batches) and "resumed"
-    (cut + 5 steps), "refreshed" (full + 7 steps with a refresh pass)."""
+    (cut, resumed to 8 steps), "refreshed" (full, resumed to 15 steps with a refresh pass)."""
     out = tmp_path_factory.mktemp("unified")
     before = tree_digest(DNERF_SCENE)
     results = {}
@@ -105,10 +105,10 @@ def runs(tmp_path_factory, models) -> dict:
     results["cut"] = run(train_args("unified-edit", out, "cut", 3, models, *DNERF))
     cut_edits = edit_files(run_dir(out, "cut")) if results["cut"].returncode == 0 else {}
     results["resumed"] = run(train_args(
-        "unified-edit", out, "resumed", 5, models, "--load-dir", str(run_dir(out, "cut") / "nerfstudio_models"), *DNERF
+        "unified-edit", out, "resumed", 8, models, "--load-dir", str(run_dir(out, "cut") / "nerfstudio_models"), *DNERF
     ))
     results["refreshed"] = run(train_args(
-        "unified-edit", out, "refreshed", 7, models, "--pipeline.refresh-every", "1",
+        "unified-edit", out, "refreshed", 15, models, "--pipeline.refresh-every", "1",
         "--load-dir", str(run_dir(out, "full") / "nerfstudio_models"), *DNERF,
     ))
     for name, result in results.items():

@@ -186,7 +186,7 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             while time.time() < deadline and step != iterations - 1:
                 page.wait_for_timeout(500)
                 step = stats(page)[0]
-            assert step == iterations - 1, f"the Step label shows {step} after training ended (last step {iterations - 1})"
+            assert step == iterations - 1, f"the Step label shows {step} after training (last step {iterations - 1})"
 
             # The first view, never moved: the first training camera's, at its time, framing the scene as its image.
             before = settled_canvas(page, "after training")
@@ -195,7 +195,7 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             assert fraction > 0.01, f"canvas shows no scene ({fraction:.4%} of it differs from the background)"
             overlap = framing_overlap(before, scene / "train" / "r_000.png")
             print(f"first view against the first training image: scene overlap (IoU) {overlap:.3f}")
-            assert overlap > 0.6, f"the first view does not frame the scene as the first camera does (IoU {overlap:.3f})"
+            assert overlap > 0.6, f"the first view does not frame the scene as the first camera (IoU {overlap:.3f})"
 
             # Control: with nothing touched the settled canvas stays as it is.
             page.wait_for_timeout(3000)

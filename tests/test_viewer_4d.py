@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import viser
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.models.nerfacto import NerfactoModel
 from nerfstudio.models.splatfacto import SplatfactoModel
+from nerfstudio.viewer import viewer as nerfstudio_viewer
 
 from ns_4d_methods import viewer_4d
 from ns_4d_methods.viewer_4d import Viewer4DControl, export_command, exports_for
@@ -29,6 +32,29 @@ def test_export_commands_name_the_run_the_time_and_quote_paths():
     gaussians, nerf = SplatfactoModel.__new__(SplatfactoModel), NerfactoModel.__new__(NerfactoModel)
     assert [(kind, timed) for kind, _, _, timed in exports_for(gaussians)] == [("gaussians", True), ("splatv", False)]
     assert [(kind, timed) for kind, _, _, timed in exports_for(nerf)] == [("mesh", True)]
+
+
+def test_export_tab_of_a_4d_run_lists_the_4d_exports_and_other_runs_keep_nerfstudios(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nerfstudio_viewer, "populate_export_tab", lambda *args: calls.append(("nerfstudio", args[3])))
+    monkeypatch.setattr(viewer_4d, "populate_4d_export_tab", lambda *args: calls.append(("4d", args[3])))
+    viewer_4d.install_export_tab()
+    viewer_4d.install_export_tab()  # once only
+    nerfstudio_viewer.populate_export_tab(None, SimpleNamespace(_time_enabled=True), Path("config.yml"), "4d model")
+    nerfstudio_viewer.populate_export_tab(None, SimpleNamespace(_time_enabled=False), Path("config.yml"), "static")
+    assert calls == [("4d", "4d model"), ("nerfstudio", "static")]
+
+
+def test_export_tab_builds_with_viser():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = viser.ViserServer(host="127.0.0.1", port=port, verbose=False)
+    try:
+        for model in (NerfactoModel.__new__(NerfactoModel), SplatfactoModel.__new__(SplatfactoModel)):
+            viewer_4d.populate_4d_export_tab(server, SimpleNamespace(time=0.5), Path("config.yml"), model)
+    finally:
+        server.stop()
 
 
 class FakeCamera:

@@ -159,6 +159,7 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_http(url, proc, log)
+        viewer_up = time.time() - started
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1000, "height": 700})
@@ -174,8 +175,11 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
                 page.wait_for_timeout(1000)
                 fraction = scene_fraction(canvas_image(page))
             shown_after = time.time() - started
-            assert fraction > 0.01, f"no scene on the canvas 60 s after ns-train started ({fraction:.4%} differs)"
-            print(f"scene on the canvas {shown_after:.0f} s after ns-train started")
+            assert fraction > 0.01, (
+                f"no scene on the canvas 60 s after ns-train started ({fraction:.4%} differs; the viewer answered "
+                f"after {viewer_up:.0f} s; load average {os.getloadavg()[0]:.1f})"
+            )
+            print(f"scene on the canvas {shown_after:.0f} s after ns-train started (viewer up after {viewer_up:.0f} s)")
 
             # Training ends, and the label shows its last step.
             deadline = time.time() + 300

@@ -158,13 +158,14 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_http(url, proc, log)
-        viewer_up = time.time() - started
         with sync_playwright() as pw:
+            # The browser starts while ns-train does, as a user's browser is open already.
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1000, "height": 700})
             context.tmp_dir = tmp_path
             page = context.new_page()
+            wait_for_http(url, proc, log)
+            viewer_up = time.time() - started
             page.goto(url)
             page.wait_for_selector("canvas", timeout=60_000)
             # The training cameras' frustums would count as scene on the canvas: hide them, as a user can.

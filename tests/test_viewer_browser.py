@@ -1,13 +1,19 @@
 """The browser viewer, in a real headless Chromium, against a live ``ns-train`` process.
 
 The page must load from the training process, its canvas must show the scene (not a blank page) within 60 s of
-``ns-train``'s start on the sample scene (its points start the Gaussians on the spheres), the Time slider must be
-there, and moving it must change what the canvas shows.
+``ns-train``'s start on the sample scene (its points start the Gaussians on the spheres), the first view must frame
+the scene as the first training camera does, the "Step" label must reach the last step, the Time slider must be
+there and moving it must change what the canvas shows, and the Export tab must give the ns-4d-export command for the
+run at the slider's time.
+
+Pictures are compared only once the canvas has settled: nerfstudio renders a view at a low resolution first and
+refines it, which on a CPU takes seconds.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,22 +62,75 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise AssertionError(f"viewer never answered at {url}:\n{log.read_text()[-3000:]}")
 
 
+SETTLE_INTERVAL_MS = 1500
+"""Time between the screenshots compared to decide whether the canvas has settled."""
+SETTLED_FRACTION = 0.0005
+"""At most this fraction of the canvas may change between two settled screenshots."""
+MAX_RES = 512
+"""nerfstudio's default "Max res": the longer side of the viewer's full-resolution render."""
+CANVAS = (slice(60, 690), slice(0, 660))
+"""The 3D canvas in a 1000 x 700 screenshot: below the header, left of the control panel."""
+
+
 def canvas_image(page) -> np.ndarray:
     path = page.context.tmp_dir / f"shot_{time.time_ns()}.png"
     page.screenshot(path=str(path))
     return np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
 
 
-def scene_fraction(img: np.ndarray) -> float:
-    """Fraction of the 3D canvas (below the header, left of the control panel) that differs from its background."""
-    region = img[60:690, :660]
+def scene_mask(region: np.ndarray) -> np.ndarray:
+    """Pixels that differ from the region's background (its median colour) by more than 40 levels."""
     background = np.median(region.reshape(-1, 3), axis=0)
-    return float((np.abs(region - background).max(-1) > 40).mean())
+    return np.abs(region - background).max(-1) > 40
+
+
+def scene_fraction(img: np.ndarray) -> float:
+    """Fraction of the 3D canvas that differs from its background."""
+    return float(scene_mask(img[CANVAS]).mean())
 
 
 def changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of the 3D canvas whose colour differs by more than 5 levels between two screenshots."""
-    return float((np.abs(a - b)[60:690, :660].max(-1) > 5).mean())
+    return float((np.abs(a - b)[CANVAS].max(-1) > 5).mean())
+
+
+def stats(page) -> tuple:
+    """(step, longer side of the last render) from the viewer's "Step: N / Resolution: W x H px" label."""
+    text = page.locator("xpath=//*[starts-with(normalize-space(text()), 'Step:')]/..").first.inner_text()
+    step = re.search(r"Step:\s*(\d+)", text)
+    resolution = re.search(r"Resolution:\s*(\d+)\D+(\d+)", text)
+    return (int(step.group(1)) if step else None, max(map(int, resolution.groups())) if resolution else 0)
+
+
+def settled_canvas(page, what: str, timeout: float = 180.0) -> np.ndarray:
+    """The canvas once the viewer shows its full-resolution render and two screenshots in a row agree."""
+    previous, difference, resolution = canvas_image(page), 1.0, 0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        page.wait_for_timeout(SETTLE_INTERVAL_MS)
+        current = canvas_image(page)
+        difference, resolution = changed_fraction(previous, current), stats(page)[1]
+        if difference <= SETTLED_FRACTION and resolution == MAX_RES:
+            return current
+        previous = current
+    raise AssertionError(
+        f"the canvas never settled {what}: after {timeout:.0f} s two screenshots {SETTLE_INTERVAL_MS} ms apart "
+        f"still differed on {difference:.4%} of it (allowed {SETTLED_FRACTION:.4%}), last render {resolution} px "
+        f"on its longer side (full resolution: {MAX_RES})"
+    )
+
+
+def framing_overlap(canvas: np.ndarray, image_path: Path) -> float:
+    """Intersection over union of the scene on the canvas and in a training image (its alpha): the canvas's
+    vertical field of view is the camera's, so the centred square of the canvas's height is the image's view."""
+    region = canvas[CANVAS]
+    height, width = region.shape[:2]
+    left = (width - height) // 2
+    square = scene_mask(region[:, left:left + height])
+    rgba = np.asarray(Image.open(image_path))
+    truth = rgba[..., 3] > 127
+    seen = np.asarray(Image.fromarray(square).resize(truth.shape[::-1], Image.BILINEAR)) > 0
+    return float((seen & truth).sum() / max((seen | truth).sum(), 1))
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
@@ -87,9 +146,10 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
     )
     port = free_port()
     log = tmp_path / "train.log"
+    iterations = 150
     cmd = [
         sys.executable, "-m", "nerfstudio.scripts.train", "splatfacto-4d",
-        "--output-dir", str(tmp_path / "out"), "--max-num-iterations", "150",
+        "--output-dir", str(tmp_path / "out"), "--max-num-iterations", str(iterations),
         "--viewer.websocket-port", str(port), "--viewer.quit-on-train-completion", "False",
         "--data", str(scene),
     ]
@@ -98,53 +158,75 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_http(url, proc, log)
         with sync_playwright() as pw:
+            # The browser starts while ns-train does, as a user's browser is open already.
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1000, "height": 700})
             context.tmp_dir = tmp_path
             page = context.new_page()
+            wait_for_http(url, proc, log)
+            viewer_up = time.time() - started
             page.goto(url)
             page.wait_for_selector("canvas", timeout=60_000)
-            # viser's default view starts inside the scene's unit box: zoom out with the mouse wheel, as a user would.
-            page.mouse.move(300, 350)
-            for _ in range(8):
-                page.mouse.wheel(0, 400)
-                page.wait_for_timeout(200)
-            # The scene shows while training runs, within a minute of the command's start.
-            fraction = 0.0
-            while fraction <= 0.01 and time.time() - started < 60:
-                page.wait_for_timeout(1000)
+            # The training cameras' frustums would count as scene on the canvas: hide them, as a user can.
+            page.get_by_text("Hide Train Cams").click()
+            # The scene shows while training runs, within a minute of the command's start, without moving the camera.
+            fraction, shown_after = 0.0, 0.0
+            while fraction <= 0.01 and shown_after < 60:
+                page.wait_for_timeout(250)
+                shown_after = time.time() - started  # when the screenshot was taken
                 fraction = scene_fraction(canvas_image(page))
-            shown_after = time.time() - started
-            assert fraction > 0.01, f"no scene on the canvas 60 s after ns-train started ({fraction:.4%} differs)"
-            print(f"scene on the canvas {shown_after:.0f} s after ns-train started")
-            # Wait for training to finish and a render of the trained scene to reach the canvas.
+            assert fraction > 0.01 and shown_after <= 60, (
+                f"no scene on the canvas 60 s after ns-train started ({fraction:.4%} differs at {shown_after:.1f} s; "
+                f"the viewer answered after {viewer_up:.0f} s; load average {os.getloadavg()[0]:.1f})"
+            )
+            print(f"scene on the canvas {shown_after:.1f} s after ns-train started (viewer up after {viewer_up:.0f} s)")
+
+            # Training ends, and the label shows its last step.
             deadline = time.time() + 300
             while time.time() < deadline and "Training Finished" not in log.read_text():
                 time.sleep(2)
-            page.mouse.wheel(0, 1)  # a camera move asks the viewer for a fresh render
-            page.wait_for_timeout(10_000)
-            before = canvas_image(page)
+            assert "Training Finished" in log.read_text(), f"training did not finish:\n{log.read_text()[-3000:]}"
+            deadline, step = time.time() + 30, None
+            while time.time() < deadline and step != iterations - 1:
+                page.wait_for_timeout(500)
+                step = stats(page)[0]
+            assert step == iterations - 1, f"the Step label shows {step} after training (last step {iterations - 1})"
+
+            # The first view, never moved: the first training camera's, at its time, framing the scene as its image.
+            before = settled_canvas(page, "after training")
             Image.fromarray(before.astype(np.uint8)).save(tmp_path / "viewer_before.png")
             fraction = scene_fraction(before)
             assert fraction > 0.01, f"canvas shows no scene ({fraction:.4%} of it differs from the background)"
+            overlap = framing_overlap(before, scene / "train" / "r_000.png")
+            print(f"first view against the first training image: scene overlap (IoU) {overlap:.3f}")
+            assert overlap > 0.6, f"the first view does not frame the scene as the first camera (IoU {overlap:.3f})"
 
-            # Control: with nothing touched the canvas stays as it is.
+            # Control: with nothing touched the settled canvas stays as it is.
             page.wait_for_timeout(3000)
-            unchanged = changed_fraction(before, canvas_image(page))
+            unchanged = changed_fraction(before, settled_canvas(page, "with nothing touched"))
+            print(f"settled canvas, nothing touched: {unchanged:.4%} changed")
 
             assert page.get_by_text("Time", exact=True).first.is_visible()
             time_input = page.locator("xpath=//*[text()='Time']/ancestor::div[.//input][1]//input").last
             time_input.fill("0.5")
             time_input.press("Enter")
-            page.wait_for_timeout(10_000)
-            after = canvas_image(page)
+            after = settled_canvas(page, "after moving the Time slider")
             Image.fromarray(np.concatenate([before, after], 1).astype(np.uint8)).save(tmp_path / "viewer.png")
             changed = changed_fraction(before, after)
+            print(f"settled canvas, Time slider 0 -> 0.5: {changed:.4%} changed")
             assert changed > 0.002 and changed > 10 * unchanged, (
                 f"moving the Time slider changed {changed:.4%} of the canvas (untouched: {unchanged:.4%})"
             )
+
+            # The Export tab gives the command that exports this run at the slider's time.
+            page.get_by_text("Export", exact=True).first.click()
+            page.get_by_role("button", name="Generate Command").first.click()
+            dialog = page.get_by_role("dialog")
+            dialog.wait_for(timeout=10_000)
+            config = next((tmp_path / "out").rglob("config.yml"))
+            expected = f"ns-4d-export gaussians --load-config {config} --output-dir exports/gaussians/ --times 0.5"
+            assert expected in dialog.inner_text(), dialog.inner_text()
             browser.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

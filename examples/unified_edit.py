@@ -26,7 +26,8 @@ def main() -> None:
     scene = args.workdir / "scene"
     if not scene.exists():
         run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
-    config = train("unified-edit", args.workdir, args.steps, "--pipeline.prompt", args.prompt, "--pipeline.editor.model", args.sd_model,
+    config = train("unified-edit", args.workdir, args.steps, "--pipeline.prompt", args.prompt,
+                   "--pipeline.editor.model", args.sd_model,
                    "--pipeline.clip-model", args.clip_model, *args.train_args, "--data", scene)
     render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
            args.workdir / "video.mp4")

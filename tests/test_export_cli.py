@@ -99,8 +99,8 @@ def test_bad_input_is_one_line(trained, tmp_path):
     with pytest.raises(InputError, match="--output-dir .*cannot create it"):
         entrypoint(["gaussians", "--load-config", str(trained), "--output-dir", str(blocker / "out")])
     # as a command (the module behind the ns-4d-export script): exit status 1 and one line, no traceback
-    result = run([sys.executable, "-m", "ns_4d_methods.cli.export", "gaussians", "--load-config", str(trained), "--output-dir",
-                  str(blocker / "out")])
+    result = run([sys.executable, "-m", "ns_4d_methods.cli.export", "gaussians", "--load-config", str(trained),
+                  "--output-dir", str(blocker / "out")])
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: --output-dir {blocker / 'out'}: cannot create it "
                                                   f"(Not a directory)"]

@@ -70,7 +70,9 @@ def frame_name(index: int) -> str:
     return f"frame_{index:05d}.ply"
 
 
-def export_gaussian_frames(model: Splatfacto4DModel, times: Sequence[float], output_dir: Path, source: str) -> List[Path]:
+def export_gaussian_frames(
+    model: Splatfacto4DModel, times: Sequence[float], output_dir: Path, source: str
+) -> List[Path]:
     """One ``.ply`` per time in ``output_dir`` (created) and ``index.json`` with the times, the frame count and the
     ``source`` run; returns the frame paths."""
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ def test_splatfacto_4d(tmp_path):
 
 def test_nerfacto_4d(tmp_path):
     example("nerfacto_4d", tmp_path, "--resolution", "32", "--steps", "5",
-            "--train-args", joined([*TINY_NERFACTO_4D, *QUIET]), "--export-args", "--resolution 16 --threshold 0.5")
+            "--train-args", joined([*TINY_NERFACTO_4D, *QUIET]),
+            "--export-args", "--resolution 16 --threshold-quantile 0.5")
     assert len(json.loads((tmp_path / "meshes" / "index.json").read_text())["frames"]) == 3
 
 
@@ -71,7 +72,7 @@ def test_instruct4d(tmp_path):
     example("instruct4d", tmp_path / "run", "--resolution", "32", "--recon-steps", "4", "--steps", "3",
             "--ip2p-model", str(tmp_path / "ip2p"), "--recon-args", joined([*TINY_NERFACTO_4D, *QUIET]),
             "--train-args", joined([*TINY_NERFACTO_4D, *QUIET, *edits]),
-            "--export-args", "--resolution 16 --threshold 0.5")
+            "--export-args", "--resolution 16 --threshold-quantile 0.5")
     assert (tmp_path / "run" / "meshes" / "index.json").is_file()
 
 
@@ -90,7 +91,7 @@ def test_four_diffusion(tmp_path):
     prior = build_tiny_4dm(tmp_path / "models")
     example("four_diffusion", tmp_path / "run", "--resolution", "32", "--steps", "3", "--prior-model", str(prior),
             "--clip-model", str(tmp_path / "clip"), "--train-args", joined([*TINY_4DIFFUSION, *QUIET]),
-            "--export-args", "--resolution 16 --threshold 0.5")
+            "--export-args", "--resolution 16 --threshold-quantile 0.5")
     assert (tmp_path / "run" / "meshes" / "index.json").is_file()
 
 

@@ -193,6 +193,9 @@ class ExportMesh(ExportBase):
     threshold: Optional[float] = None
     """Density level of the surface (default: 10 for NeRFs, in their density units, as instant-ngp's mesh export;
     0.5 for Gaussians, half of one opaque Gaussian's peak)."""
+    threshold_quantile: Optional[float] = None
+    """Instead of --threshold, the level at this quantile of the densities on the grid (e.g. 0.9 for an object that
+    fills about a tenth of the box)."""
     box: Optional[Tuple[float, float, float, float, float, float]] = None
     """Box to mesh: min x y z, max x y z (default: the scene box)."""
     seconds: float = 2.0
@@ -204,6 +207,8 @@ class ExportMesh(ExportBase):
         times = self.frame_times(3)
         if self.resolution < 8:
             raise InputError(f"--resolution {self.resolution}: expected at least 8")
+        if self.threshold_quantile is not None and not 0 < self.threshold_quantile < 1:
+            raise InputError(f"--threshold-quantile {self.threshold_quantile:g}: expected a number in (0, 1)")
         output_dir = check_output_dir(self.output_dir)
         pipeline = load_run(self.load_config, (Splatfacto4DModel, Nerfacto4DModel),
                             f"{GAUSSIAN_METHODS}, {NERF_METHODS}")
@@ -217,7 +222,7 @@ class ExportMesh(ExportBase):
                 threshold = 10.0 if self.threshold is None else self.threshold
                 for k, time in enumerate(times):
                     surface = mesh.extract_mesh(mesh.nerf_density_fn(model, time), mesh.nerf_colour_fn(model, time),
-                                                box, self.resolution, threshold)
+                                                box, self.resolution, threshold, self.threshold_quantile)
                     self.write_frame(surface, k, time, index)
                 index["animated"] = None
                 index["note"] = ("NeRF meshes are per time: the 4D hash grid has no correspondence between times, "
@@ -244,7 +249,8 @@ class ExportMesh(ExportBase):
         for k, time in enumerate(times):
             gaussians = gaussians_at(model, time)
             surface = mesh.extract_mesh(mesh.gaussian_density_fn(gaussians, voxel),
-                                        mesh.gaussian_colour_fn(model, gaussians), box, self.resolution, threshold)
+                                        mesh.gaussian_colour_fn(model, gaussians), box, self.resolution, threshold,
+                                        self.threshold_quantile)
             self.write_frame(surface, k, time, index)
             if k == 0:
                 reference = surface

@@ -17,7 +17,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,14 +54,18 @@ def _evaluate(fn: Callable[..., Tensor], *inputs: Tensor, chunk: int = 1 << 16) 
 
 @torch.no_grad()
 def extract_mesh(
-    density_fn: DensityFn, colour_fn: ColourFn, box: Tensor, resolution: int, threshold: float
+    density_fn: DensityFn, colour_fn: ColourFn, box: Tensor, resolution: int, threshold: float,
+    quantile: Optional[float] = None,
 ) -> Mesh:
     """Marching cubes on ``density_fn`` sampled on a ``resolution``^3 grid over ``box`` [2, 3] (min, max corners):
-    the surface where the density crosses ``threshold``, coloured by ``colour_fn`` looking at it from outside."""
+    the surface where the density crosses ``threshold`` (or, given ``quantile``, that quantile of the sampled
+    densities), coloured by ``colour_fn`` looking at it from outside."""
     box = box.float().cpu()
     axes = [torch.linspace(float(box[0, k]), float(box[1, k]), resolution) for k in range(3)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     density = _evaluate(density_fn, grid).reshape(resolution, resolution, resolution).float().numpy()
+    if quantile is not None:
+        threshold = float(np.quantile(density, quantile))
     if not density.min() < threshold < density.max():
         raise ValueError(f"the density ({density.min():.3g} to {density.max():.3g}) never crosses {threshold:g}")
     spacing = tuple(float(box[1, k] - box[0, k]) / (resolution - 1) for k in range(3))

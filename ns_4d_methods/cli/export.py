@@ -159,7 +159,7 @@ class ExportSplatv(ExportBase):
         if cameras is not None:
             picked = np.unique(np.linspace(0, len(cameras) - 1, min(self.max_cameras, len(cameras))).round())
             cameras = cameras[torch.from_numpy(picked).long()]
-        report = bake_report(pipeline.model, baked, cameras[:0] if cameras is None else cameras, self.num_samples)
+        report = bake_report(pipeline.model, baked, [] if cameras is None else cameras, self.num_samples)
         line = (f"bake error: centres {report.position_rms:.4g} RMS ({100 * report.position_rms_relative:.3g} % of "
                 f"the scene), renders {report.psnr_min:.2f} dB lowest, {report.psnr_mean:.2f} dB mean")
         print(line if cameras is not None else line + " (no training cameras: PSNR not measured)")

@@ -199,7 +199,7 @@ def _single_window(opacities: Tensor, times: Tensor) -> Tuple[Tensor, Tensor, Te
 
 def bake_report(model: Splatfacto4DModel, baked: Splatv, cameras: Cameras, num_samples: int = 32) -> BakeReport:
     """Compares ``baked`` with the model: centres at ``num_samples`` times in [0, 1], and renders from each of
-    ``cameras`` at its own time (time 0 without times)."""
+    ``cameras`` at its own time (time 0 without times; no renders for an empty list)."""
     squared, weights, extent = [], [], None
     for t in np.linspace(0.0, 1.0, num_samples):
         mlp = gaussians_at(model, float(t)).means.numpy()

@@ -52,8 +52,7 @@ def test_camera_path_has_a_render_time_per_keyframe():
 
 
 def test_splatfacto_4d(tmp_path):
-    example("splatfacto_4d", tmp_path, "--resolution", "32", "--steps", "5", "--train-args", joined(SPLATS),
-            "--export-args", "--segments 2")
+    example("splatfacto_4d", tmp_path, "--resolution", "32", "--steps", "5", "--train-args", joined(SPLATS))
     assert json.loads((tmp_path / "gaussians" / "index.json").read_text())["num_frames"] == 5
     assert (tmp_path / "splatv" / "scene.splatv").stat().st_size > 1000
 
@@ -110,5 +109,5 @@ def test_four_real(tmp_path):
     example("four_real", tmp_path / "run", "--steps", "4", "--video-model", str(tmp_path / "ltx"), "--xclip-model",
             str(tmp_path / "xclip"), "--reference-video", str(tmp_path / "reference.mp4"), "--freeze-time-video",
             str(tmp_path / "freeze"), "--canonical-index", str(canonical), "--train-args", joined(train),
-            "--export-args", "--segments 2 --min-psnr 20")
+            "--export-args", "--min-psnr 20")
     assert (tmp_path / "run" / "splatv" / "scene.splatv").is_file()

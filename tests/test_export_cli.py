@@ -53,14 +53,15 @@ def test_gaussians_writes_frames_and_index(trained, tmp_path):
 
 
 def test_splatv_writes_one_file_or_refuses_past_the_threshold(trained, tmp_path, capsys):
-    entrypoint(["splatv", "--load-config", str(trained), "--output-dir", str(tmp_path)])
+    entrypoint(["splatv", "--load-config", str(trained), "--output-dir", str(tmp_path), "--num-samples", "32",
+                "--max-cameras", "4"])
     assert "bake error: centres" in capsys.readouterr().out
     loaded = read_splatv(tmp_path / "scene.splatv")
     assert loaded.header["cameras"] and loaded.header["bake"]["psnr_min"] >= 35
     assert len(loaded.centres) % 8 == 0 and len(loaded.centres) > 1000  # 8 segments
     with pytest.raises(InputError, match="over the limits"):
         entrypoint(["splatv", "--load-config", str(trained), "--output-dir", str(tmp_path / "no"), "--segments", "1",
-                    "--min-psnr", "200"])
+                    "--max-cameras", "2", "--min-psnr", "200"])
     assert not (tmp_path / "no" / "scene.splatv").exists()
 
 
@@ -102,5 +103,6 @@ def test_bad_input_is_one_line(trained, tmp_path):
     result = run([sys.executable, "-m", "ns_4d_methods.cli.export", "gaussians", "--load-config", str(trained),
                   "--output-dir", str(blocker / "out")])
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: --output-dir {blocker / 'out'}: cannot create it "
-                                                  f"(Not a directory)"]
+    # (torch's import-time FutureWarnings may come before it)
+    assert result.stderr.strip().splitlines()[-1] == f"error: --output-dir {blocker / 'out'}: cannot create it " \
+                                                     f"(Not a directory)"

@@ -132,28 +132,37 @@ def bake(model: Splatfacto4DModel, num_samples: int = 64, segments: int = DEFAUL
     n = means.shape[0]
     if segments == 1:
         centre, trbf_scale, peak_opacity = _single_window(opacities, times)
-        weight = torch.ones(n, num_samples, dtype=torch.float64)
+        window = lambda c: torch.ones_like(times)  # noqa: E731  (no fade inside [0, 1])
     else:
         # copies centred at evenly spaced times from 0 to 1, so that both ends are covered by a window's middle
-        centre = torch.linspace(0.0, 1.0, segments, dtype=torch.float64).repeat_interleave(n)  # [S * N]
+        centres = torch.linspace(0.0, 1.0, segments, dtype=torch.float64)
+        centre = centres.repeat_interleave(n)  # [S * N]: copy j is Gaussian j % N
         trbf_scale = torch.full_like(centre, overlap / (segments - 1))
-        means, quats, log_scales = (x.repeat(segments, 1, 1) for x in (means, quats, log_scales))
-        weight = torch.exp(-(((times[None] - centre[:, None]) / trbf_scale[:, None]) ** 2))
-        weight = torch.where(weight < MIN_TEMPORAL_OPACITY, 0.0, weight)  # splaTV does not draw those
-        peak_opacity = _copy_opacities(opacities, weight.reshape(segments, n, num_samples)).reshape(-1)
-    dt = times[None, :] - centre[:, None]  # [M, T]
-    root = weight.sqrt()[..., None]  # weighted least squares: rows scaled by sqrt(weight)
-    cubic = torch.stack([torch.ones_like(dt), dt, dt**2, dt**3], -1) * root  # [M, T, 4]
-    position_fit = torch.linalg.lstsq(cubic, means * root).solution  # [M, 4, 3]
-    rotation_fit = torch.linalg.lstsq(cubic[..., :2], quats * root).solution  # [M, 2, 4]
-    scales = torch.exp((weight[..., None] * log_scales).sum(1) / weight.sum(1)[:, None])
+
+        def window(c: Tensor) -> Tensor:
+            w = torch.exp(-(((times - c) / (overlap / (segments - 1))) ** 2))
+            return torch.where(w < MIN_TEMPORAL_OPACITY, 0.0, w)  # splaTV does not draw those
+
+        peak_opacity = _copy_opacities(opacities, torch.stack([window(c) for c in centres])).reshape(-1)
+    # weighted least squares (rows scaled by sqrt(weight)), one solve for all copies sharing a time centre
+    m = len(centre)
+    position_fit, rotation_fit = torch.empty(m, 4, 3, dtype=torch.float64), torch.empty(m, 2, 4, dtype=torch.float64)
+    scales = torch.empty(m, 3, dtype=torch.float64)
+    for c in centre.unique():
+        rows = (centre == c).nonzero()[:, 0]
+        source = rows % n
+        weight = window(c)
+        root, dt = weight.sqrt()[:, None], times - c
+        cubic = torch.stack([torch.ones_like(dt), dt, dt**2, dt**3], -1) * root  # [T, 4]
+        position_fit[rows] = _solve(cubic, means[source] * root)
+        rotation_fit[rows] = _solve(cubic[:, :2], quats[source] * root)
+        scales[rows] = torch.exp((weight[None, :, None] * log_scales[source]).sum(1) / weight.sum())
 
     sh_degree = active_sh_degree(model)
     dc = frames[0].sh[:, 0].repeat(segments, 1)
     rgb = torch.sigmoid(dc) if sh_degree is None else (dc * SH_C0 + 0.5)
     rgba = torch.cat([rgb, peak_opacity.float()[:, None]], -1).clamp(0, 1) * 255 + 0.5
     half = lambda x: x.float().numpy().astype(np.float16).astype(np.float32)  # noqa: E731  (what the file keeps)
-    m = len(centre)
     return Splatv(
         centres=position_fit[:, 0].float().numpy(),
         quats=half(rotation_fit[:, 0]),
@@ -166,19 +175,34 @@ def bake(model: Splatfacto4DModel, num_samples: int = 64, segments: int = DEFAUL
     )
 
 
+def _solve(design: Tensor, values: Tensor) -> Tensor:
+    """Least-squares coefficients [R, P, D] of ``design`` [T, P] for the R series ``values`` [R, T, D] at once."""
+    r, t, d = values.shape
+    solution = torch.linalg.lstsq(design, values.transpose(0, 1).reshape(t, r * d)).solution
+    return solution.reshape(design.shape[1], r, d).transpose(0, 1)
+
+
 def _copy_opacities(opacities: Tensor, windows: Tensor, steps: int = 200) -> Tensor:
-    """Opacities [S, N] of S copies of N Gaussians drawn with temporal factors ``windows`` [S, N, T] such that,
-    composited, they match the Gaussians' ``opacities`` [N, T]: least squares on 1 - prod_k (1 - a_k w_k(t))."""
+    """Opacities [S, N] of S copies of N Gaussians drawn with temporal factors ``windows`` [S, T] such that,
+    composited, they match the Gaussians' ``opacities`` [N, T]: least squares on 1 - prod_k (1 - a_k w_k(t)).
+    Gaussians whose opacity does not change share one fit per opacity byte (the file keeps a byte)."""
+    varies = (opacities.max(1).values - opacities.min(1).values) > 1e-3
+    levels, inverse = (opacities[~varies].mean(1) * 255).round().unique(return_inverse=True)
+    targets = torch.cat([(levels / 255)[:, None].expand(-1, opacities.shape[1]), opacities[varies]])
     with torch.enable_grad():
-        logits = torch.logit(opacities.mean(1).clamp(1e-4, 1 - 1e-4)).repeat(len(windows), 1).requires_grad_(True)
+        logits = torch.logit(targets.mean(1).clamp(1e-4, 1 - 1e-4)).repeat(len(windows), 1).requires_grad_(True)
         optimizer = torch.optim.Adam([logits], lr=0.1)
         for _ in range(steps):
-            composite = 1 - torch.prod(1 - torch.sigmoid(logits)[..., None] * windows, dim=0)
-            loss = ((composite - opacities) ** 2).sum()
+            composite = 1 - torch.prod(1 - torch.sigmoid(logits)[..., None] * windows[:, None], dim=0)
+            loss = ((composite - targets) ** 2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return torch.sigmoid(logits).detach()
+    fitted = torch.sigmoid(logits).detach()
+    result = torch.empty(len(windows), len(opacities), dtype=fitted.dtype)
+    result[:, ~varies] = fitted[:, : len(levels)][:, inverse]
+    result[:, varies] = fitted[:, len(levels) :]
+    return result
 
 
 def _single_window(opacities: Tensor, times: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

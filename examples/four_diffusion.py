@@ -5,7 +5,8 @@ distilled from the 4DM multi-view video prior) -> an orbit video with time movin
 
 Models: the 4DM prior in diffusers layout (--prior-model: a directory made by ``ns-4d-convert 4dm`` from 4Diffusion's
 released checkpoint; see docs of ns-4d-convert), CLIP ``openai/clip-vit-large-patch14`` (--clip-model, for the
-metrics). On a GPU: about 24 GB of GPU memory (4DM at 256 px, 4 views x 8 frames), about 2 hours for 4Diffusion's
+metrics). On a GPU (an estimate, not measured here): about 24 GB of GPU memory (4DM at 256 px, 4 views x 8 frames),
+about 2 hours for 4Diffusion's
 10,000 steps. On a CPU, not practical beyond tiny models (the examples' test: about 2 minutes).
 Outputs under --workdir (default examples_output/four_diffusion): scene/object/, runs/, video.mp4, meshes/.
 """

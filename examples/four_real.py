@@ -7,7 +7,8 @@ deformable Gaussians are fitted with video SDS -> a video with time moving -> a 
 
 Models (hub ids, fetched into the usual cache, or local directories): LTX-Video ``Lightricks/LTX-Video-0.9.5``
 (--video-model: generates the videos and gives the SDS prior), X-CLIP ``microsoft/xclip-base-patch32``
-(--xclip-model, for the metrics; skipped with a message when absent). On a GPU: about 24 GB of GPU memory, about an
+(--xclip-model, for the metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about
+24 GB of GPU memory, about an
 hour. On a CPU, not practical beyond tiny models (the examples' test passes its own small videos: about 3 minutes).
 Outputs under --workdir (default examples_output/four_real): runs/, video.mp4, splatv/, gaussians/.
 """

@@ -5,7 +5,8 @@ an instruction -> a video of the edited scene -> meshes.
 
 Models (hub ids, fetched into the usual cache, or local directories): InstructPix2Pix
 ``timbrooks/instruct-pix2pix`` (--ip2p-model); CLIP ``openai/clip-vit-large-patch14`` for the edit metrics
-(skipped with a message when absent). On a GPU: about 10 GB of GPU memory for InstructPix2Pix at 512 px, the
+(skipped with a message when absent). On a GPU (an estimate, not measured here): about 10 GB of GPU memory for
+InstructPix2Pix at 512 px, the
 reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes
 minutes per frame); with tiny models, as the examples' test runs it, about 2 minutes.
 Outputs under --workdir (default examples_output/instruct4d): scene/, runs/, video.mp4, meshes/.

@@ -4,7 +4,8 @@
     python examples/nerfacto_4d.py                   # CPU: nerfacto's 30,000 steps take hours on 2 cores
     python examples/nerfacto_4d.py --steps 2000      # a first look on a CPU (about 1.5 hours on 2 cores)
 
-On a GPU (CUDA, tiny-cuda-nn optional) 30,000 steps take about 15 minutes with about 4 GB of GPU memory. Outputs
+On a GPU (CUDA, tiny-cuda-nn optional; an estimate, not measured here) 30,000 steps take about 15 minutes with about 4
+GB of GPU memory. Outputs
 under --workdir (default examples_output/nerfacto_4d): scene/, runs/, video.mp4, meshes/ (index.json + mesh_*.ply).
 """
 

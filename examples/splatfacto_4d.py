@@ -4,7 +4,8 @@
     python examples/splatfacto_4d.py                 # CPU: about 10 minutes on 2 cores (3,000-step compact preset)
     python examples/splatfacto_4d.py --steps 200     # a quick look (about 1 minute of training)
 
-On a GPU (CUDA) the full 30,000-step schedule runs (about 2 GB of GPU memory at 128 px). Outputs under --workdir
+On a GPU (CUDA; an estimate, not measured here) the full 30,000-step schedule runs (about 2 GB of GPU memory at 128
+px). Outputs under --workdir
 (default examples_output/splatfacto_4d): scene/, runs/, video.mp4, gaussians/ (index.json + frame_*.ply),
 splatv/scene.splatv.
 """

@@ -5,7 +5,8 @@ and the scene (splatfacto-4d's deformable Gaussians) fitted to them -> a video -
 
 Models (hub ids, fetched into the usual cache, or local directories): Stable Diffusion 2.1 base
 ``stabilityai/stable-diffusion-2-1-base`` (--sd-model), CLIP ``openai/clip-vit-large-patch14`` (--clip-model, for
-the edit metrics; skipped with a message when absent). On a GPU: about 8 GB of GPU memory at 512 px, about 40
+the edit metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about 8 GB of GPU
+memory at 512 px, about 40
 minutes. On a CPU the edit takes hours (each view is inverted and
 regenerated); with tiny models, as the examples' test runs it, about 2 minutes.
 Outputs under --workdir (default examples_output/unified_edit): scene/, runs/, video.mp4, gaussians/.

@@ -7,7 +7,8 @@ Models: the 4DM prior in diffusers layout (--prior-model: a directory made by ``
 released checkpoint; see docs of ns-4d-convert), CLIP ``openai/clip-vit-large-patch14`` (--clip-model, for the
 metrics). On a GPU (an estimate, not measured here): about 24 GB of GPU memory (4DM at 256 px, 4 views x 8 frames),
 about 2 hours for 4Diffusion's
-10,000 steps. On a CPU, not practical beyond tiny models (the examples' test: about 2 minutes).
+10,000 steps. On a CPU, not practical beyond tiny models (tiny models, as the examples' test runs it: a few minutes,
+mostly the start-up of each ns-* command, about 40 s each on 2 cores; not timed on a quiet machine).
 Outputs under --workdir (default examples_output/four_diffusion): scene/object/, runs/, video.mp4, meshes/.
 """
 

@@ -9,7 +9,8 @@ Models (hub ids, fetched into the usual cache, or local directories): LTX-Video 
 (--video-model: generates the videos and gives the SDS prior), X-CLIP ``microsoft/xclip-base-patch32``
 (--xclip-model, for the metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about
 24 GB of GPU memory, about an
-hour. On a CPU, not practical beyond tiny models (the examples' test passes its own small videos: about 3 minutes).
+hour. On a CPU, not practical beyond tiny models (the examples' test passes its own small videos and tiny models: a few
+minutes, not timed on a quiet machine).
 Outputs under --workdir (default examples_output/four_real): runs/, video.mp4, splatv/, gaussians/.
 """
 

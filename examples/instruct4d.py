@@ -8,7 +8,7 @@ Models (hub ids, fetched into the usual cache, or local directories): InstructPi
 (skipped with a message when absent). On a GPU (an estimate, not measured here): about 10 GB of GPU memory for
 InstructPix2Pix at 512 px, the
 reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes
-minutes per frame); with tiny models, as the examples' test runs it, about 2 minutes.
+minutes per frame); with tiny models, as the examples' test runs it, a few minutes (not timed on a quiet machine).
 Outputs under --workdir (default examples_output/instruct4d): scene/, runs/, video.mp4, meshes/.
 """
 

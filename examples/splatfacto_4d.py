@@ -7,7 +7,8 @@
 On a GPU (CUDA; an estimate, not measured here) the full 30,000-step schedule runs (about 2 GB of GPU memory at 128
 px). Outputs under --workdir
 (default examples_output/splatfacto_4d): scene/, runs/, video.mp4, gaussians/ (index.json + frame_*.ply),
-splatv/scene.splatv.
+splatv/scene.splatv. ns-4d-export splatv refuses (one line, nothing written) when the bake is further from the
+model than its limits (--export-args "--min-psnr 30 --segments 16" to change them).
 """
 
 from _common import parser, render, run, sample_scene_path, train

@@ -202,6 +202,11 @@ class Splatfacto4DModel(SplatfactoModel):
         d_means, d_quats, d_log_scales = self.deformation_field(means.detach(), times)
         return means + d_means, F.normalize(quats, dim=-1) + d_quats, log_scales + d_log_scales
 
+    def opacities_at(self, time: float) -> Tensor:
+        """Opacity logits [N, 1] at ``time``: the canonical ones (the deformation leaves opacity alone). A model whose
+        deformation changes opacity overrides this; rendering and the exports (:mod:`ns_4d_methods.export`) read it."""
+        return self.opacities
+
     def _uses_gsplat(self, on_cuda: bool) -> bool:
         """Whether rendering goes through gsplat's CUDA rasterizer (``rasterizer``, "auto" resolved by the device)."""
         return self.config.rasterizer == "gsplat" or (self.config.rasterizer == "auto" and on_cuda)
@@ -219,7 +224,8 @@ class Splatfacto4DModel(SplatfactoModel):
             camera_to_world = camera.camera_to_worlds
         time = 0.0 if camera.times is None else float(camera.times.reshape(-1)[0])
         means, quats, log_scales = self.deform(time)
-        opacities, colors = self.opacities, torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1)
+        opacities = self.opacities_at(time)
+        colors = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1)
 
         if self.crop_box is not None and not self.training:
             crop_ids = self.crop_box.within(means).squeeze()

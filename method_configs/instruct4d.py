@@ -6,11 +6,11 @@ import copy
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
-from nerfstudio.data.dataparsers.dnerf_dataparser import DNeRFDataParserConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from method_configs.nerfacto_4d import nerfacto_4d
 from ns_4d_methods.data.edited_dataset import EditedFrameDataset
+from ns_4d_methods.data.ns4d_dataparser import Ns4dDataParserConfig
 from ns_4d_methods.pipelines.instruct4d_pipeline import Instruct4DPipelineConfig
 from ns_4d_methods.trainer import Trainer4DConfig
 
@@ -29,7 +29,10 @@ instruct4d = MethodSpecification(
         pipeline=Instruct4DPipelineConfig(
             datamanager=VanillaDataManagerConfig(
                 _target=VanillaDataManager[EditedFrameDataset],
-                dataparser=DNeRFDataParserConfig(),
+                # a monocular video: one moving camera, frames in capture order, so that flow between consecutive
+                # frames follows the scene (D-NeRF's camera jumps between frames: dnerf-data stays available).
+                # Every frame is edited and trained on, as in the official code.
+                dataparser=Ns4dDataParserConfig(eval_mode="all"),
                 train_num_rays_per_batch=4096,
                 eval_num_rays_per_batch=4096,
                 # a bounded subset of (edited) images in memory, resampled often enough to see every frame

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.dataparsers.dnerf_dataparser import DNeRFDataParserConfig
 from nerfstudio.utils.eval_utils import eval_setup
 from nerfstudio.viewer.utils import parse_object
 from nerfstudio.viewer.viewer_elements import ViewerElement
@@ -41,7 +42,9 @@ TINY_MODEL = [
     "--steps-per-eval-batch", "1000", "--steps-per-eval-image", "1000", "--steps-per-eval-all-images", "100000",
     "--steps-per-save", "1000", *TINY_NERFACTO_4D,
 ]
+RAFT_SMALL = Path(__file__).resolve().parents[2] / "shared" / "weights" / "raft-small.pth"
 TINY_EDITS = [
+    "--pipeline.raft-weights", str(RAFT_SMALL),
     "--pipeline.full-edit-steps", "2", "--pipeline.refine-steps", "2", "--pipeline.refine-strength", "0.5",
     "--pipeline.max-edit-resolution", "32", "--pipeline.datamanager.train-num-images-to-sample-from", "10",
 ]
@@ -61,6 +64,8 @@ def train(method: str, out: Path, name: str, iters: int, *extra: str, data: Path
         sys.executable, "-m", "nerfstudio.scripts.train", method, "--output-dir", str(out), "--experiment-name", "exp",
         "--timestamp", name, "--max-num-iterations", str(iters), *TINY_MODEL, "--data", str(data), *extra,
     ]
+    if data == DNERF_SCENE:
+        args.append("dnerf-data")  # instruct4d's default parser is ns4d-data (monocular videos)
     if popen:
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     return run(args)
@@ -146,7 +151,7 @@ class RecordingEditor:
 def tiny_pipeline_config(tiny_ip2p: Path, **overrides):
     """instruct4d's pipeline config with a tiny model and tiny edits, for in-process runs."""
     config = copy.deepcopy(instruct4d.config.pipeline)
-    config.prompt, config.ip2p_model_id = "make it red", str(tiny_ip2p)
+    config.prompt, config.ip2p_model_id, config.raft_weights = "make it red", str(tiny_ip2p), str(RAFT_SMALL)
     config.full_edit_steps, config.refine_steps, config.refine_strength, config.max_edit_resolution = 2, 2, 0.5, 32
     for name, value in overrides.items():
         setattr(config, name, value)
@@ -169,6 +174,7 @@ def reconstruction_trainer(run_dir: Path, load_dir: Path) -> SimpleNamespace:
 @needs_scene
 def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_ip2p, tmp_path, monkeypatch):
     config = tiny_pipeline_config(tiny_ip2p, steps_per_edit_unit=2, refresh_every=10)
+    config.datamanager.dataparser = DNeRFDataParserConfig()
     config.datamanager.data, config.datamanager.camera_res_scale_factor = DNERF_SCENE, SCALE
     pipeline: Instruct4DPipeline = config.setup(device="cpu", test_mode="val")
     pipeline.open_editing(reconstruction_trainer(tmp_path, tmp_path))

@@ -14,8 +14,9 @@ loss. The units, in order:
    the current images, with the strength on a cosine from 1 to ``key_round_final_strength``.
 2. **a propagation pass**, one window per unit: per camera, flow-guided sliding windows in time
    (:mod:`ns_4d_methods.editing.flow_propagation`) carry the camera's edited first frame through its frames.
-3. **refresh passes**, every ``refresh_every`` steps: the same windows, with the model's current renders as the
-   images that the warped edits are composited onto, so the edits follow what the scene has become.
+3. **refresh passes**, every ``refresh_every`` steps: the same windows, repainted from the model's current renders
+   (anchored on the key frame's edit, with the first pass's seed per window), so the targets follow what the scene
+   has become without drawing new, independent edits.
 
 Edits are PNGs in an :class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never
 written); the training images are read through :class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, and
@@ -51,7 +52,13 @@ from ns_4d_methods.editing.depth_projection import (
     project_key_views,
 )
 from ns_4d_methods.editing.flow_propagation import PropagatedWindow, propagate, window_ranges
-from ns_4d_methods.editing.optical_flow import FlowBackend, FlowEstimator, build_flow_estimator
+from ns_4d_methods.editing.optical_flow import (
+    MAX_FLOW_SIZE,
+    RAFT_WEIGHTS,
+    FlowBackend,
+    FlowEstimator,
+    build_flow_estimator,
+)
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.frame_editor import FrameEditor
 from ns_4d_methods.guidance.ip2p_editor import IP2P_MODEL_ID, AnchorAttentionMode, InstructPix2PixEditor
@@ -100,10 +107,17 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     """Frames per sliding window."""
     window_overlap: int = 1
     """Frames shared by consecutive windows."""
-    flow_backend: FlowBackend = "dis"
-    """Optical flow: "dis" (OpenCV, no weights) or "raft" (needs ``raft_checkpoint``)."""
-    raft_checkpoint: Optional[Path] = None
-    """Original RAFT checkpoint (``raft-things.pth`` or ``raft-small.pth``) for ``flow_backend raft``."""
+    flow_backend: FlowBackend = "raft"
+    """Optical flow: "raft" (the paper's and the official code's, with ``raft_weights``) or "dis" (OpenCV's dense
+    inverse search: no weights, cheaper on the CPU, less accurate on large motion)."""
+    raft_weights: str = RAFT_WEIGHTS
+    """RAFT weights: a torchvision weights enum name (default: torchvision's port of the original raft-things.pth,
+    read from the torch hub cache or downloaded into it), or a file: the original ``raft-things.pth`` /
+    ``raft-small.pth`` or a torchvision state dict. The official code runs RAFT with raft-things.pth, 20 iterations."""
+    max_flow_size: int = MAX_FLOW_SIZE
+    """Long side, in pixels, that RAFT computes flow at (larger frames are downscaled and the flow scaled back). RAFT's
+    all-pairs correlation holds (H W / 64)^2 floats: 1.8 GB at the official N3DV training size 1352x1014 (computed at
+    full size by default), 29 GB at N3DV's full 2704x2028."""
     num_key_views: int = 5
     """Cameras edited jointly per key-view round (multi-camera data)."""
     key_view_rounds: int = 12
@@ -204,8 +218,9 @@ class Instruct4DPipeline(EditingPipeline):
         self.editor = FrameEditor(ip2p, self.config.max_edit_resolution)
         self.flow = build_flow_estimator(
             self.config.flow_backend,
-            raft_checkpoint=self.config.raft_checkpoint,
-            field_name="--pipeline.raft-checkpoint",
+            raft_weights=self.config.raft_weights,
+            field_name="--pipeline.raft-weights",
+            max_size=self.config.max_flow_size,
             device=self.device,
         )
 
@@ -265,15 +280,20 @@ class Instruct4DPipeline(EditingPipeline):
                 window_size=self.config.window_size,
                 overlap=self.config.window_overlap,
                 start_window=position.window,
-                seed=seed_for(self.config.edit_seed, position.passes, group.camera_id),
+                # every pass draws the same noise per window: a refresh re-edits the renders toward the same target
+                seed=seed_for(self.config.edit_seed, group.camera_id),
+                from_current=position.phase == "refresh",
             )
         window: PropagatedWindow = next(self._windows)
         for index, image in zip(window.frames, window.images):
             self.put(index, image)
         total = len(self._windows_of(position.camera))
+        source = "from renders" if position.phase == "refresh" else (
+            f"flow valid on {float(window.valid_fraction.mean()):.0%} of pixels"
+        )
         CONSOLE.log(
             f"instruct4d {position.phase} pass {position.passes + 1}: {group.name} window {window.index + 1}/{total} "
-            f"{progress_bar((window.index + 1) / total)} (flow valid on {float(window.valid_fraction.mean()):.0%} of pixels)"
+            f"{progress_bar((window.index + 1) / total)} ({source})"
         )
         position.window += 1
         self._skip_cameras_without_windows(step)

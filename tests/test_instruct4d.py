@@ -27,6 +27,7 @@ from PIL import Image
 
 from method_configs.instruct4d import instruct4d
 from ns_4d_methods.data.n3dv_dataparser import LLFF_TO_OPENGL, N3DVDataParserConfig
+from ns_4d_methods.editing.depth_projection import project_key_views
 from ns_4d_methods.guidance.frame_editor import FrameEditor, edit_size
 from ns_4d_methods.guidance.ip2p_editor import InstructPix2PixEditor
 from ns_4d_methods.pipelines.instruct4d_pipeline import EditPosition, Instruct4DPipeline, key_round_strength
@@ -282,44 +283,69 @@ def seen_by(cameras: Cameras, target: int, keys) -> torch.Tensor:
     return seen
 
 
-def test_key_view_round_projects_key_edits_through_rendered_depth(tiny_ip2p, tmp_path, monkeypatch):
-    """Key views edited to red, holes repainted blue, depth of a known wall: each pixel of the other camera must be
-    the 50/50 blend of red and its image exactly where a key view sees its wall point, and blue elsewhere."""
+def test_key_view_rounds_project_key_edits_through_cached_depth(tiny_ip2p, tmp_path, monkeypatch):
+    """Key views edited to red, repaints blue, depth of a known wall, the other camera's depth 0.03 too far along its
+    rays. Round 1 of 2: each pixel of the other camera must be the 50/50 blend of red and its image exactly where a key
+    view sees its wall point (the official thresholds, converted from LLFF units, accept the 0.03 error; taken as scene
+    units they would reject nearly every pixel), blue elsewhere. Round 2 (the last) repaints the whole image. Depth is
+    rendered once per camera."""
     size, focal = 32, 40.0
     generator = np.random.default_rng(0)
     write_capture(tmp_path / "scene", (0.0, 15.0, 30.0, 45.0), 2, size, focal,
                   lambda *_: generator.integers(0, 256, (size, size, 3), dtype=np.uint8))
-    config = tiny_pipeline_config(tiny_ip2p, num_key_views=2, key_view_rounds=1)
+    config = tiny_pipeline_config(tiny_ip2p, num_key_views=2, key_view_rounds=2)
     config.datamanager.dataparser = n3dv_config(tmp_path / "scene")
     config.datamanager.data = tmp_path / "scene"
     pipeline: Instruct4DPipeline = config.setup(device="cpu", test_mode="val")
     pipeline.open_editing(reconstruction_trainer(tmp_path / "run", tmp_path))
     cameras = pipeline.datamanager.train_dataset.cameras
-    monkeypatch.setattr(pipeline, "render", lambda index: {"depth": wall_depth(cameras, index)[..., None]})
+    firsts = {group.name: group.indices[0] for group in pipeline.cameras}
+    chosen = np.random.default_rng([config.edit_seed, 0]).choice(len(firsts), size=2, replace=False).tolist()
+    (other,) = [name for c, name in enumerate(firsts) if c not in chosen]
+    renders = []
+
+    def render(index):
+        renders.append(index)
+        return {"depth": (wall_depth(cameras, index) + (0.03 if index == firsts[other] else 0.0))[..., None]}
+
+    monkeypatch.setattr(pipeline, "render", render)
+    # the capture's nearest bound is 2 and its poses are not scaled: one LLFF unit is 1.08 x 2 scene units
+    assert pipeline.scene_threshold(0.02) == pytest.approx(0.02 * 1.08 * 2.0)
 
     def editor(conditions, inits, *, strength, **_):
-        if strength == 1.0:  # the joint key-view edit
+        if strength == 1.0:  # the joint key-view edit of the first round
             return RED.expand_as(inits).clone()
-        return torch.cat([inits[:1], BLUE.expand_as(inits[1:])])  # hole repaint: the anchor, then the targets
+        return torch.cat([inits[:1], BLUE.expand_as(inits[1:])])  # repaint: the anchor, then the targets
 
     pipeline.editor = editor
     pipeline.run_edit_unit(0)
 
     dataset = pipeline.datamanager.train_dataset
-    firsts = {group.name: group.indices[0] for group in pipeline.cameras}
     edited = {name: dataset.current_image(index) for name, index in firsts.items()}
     keys = [name for name, image in edited.items() if torch.allclose(image, RED.expand_as(image), atol=1 / 255)]
-    (other,) = set(firsts) - set(keys)
-    assert len(keys) == 2 and len(pipeline.edit_store) == 3
+    assert sorted(keys) == sorted(set(firsts) - {other}) and len(pipeline.edit_store) == 3
     image, original = edited[other], dataset.original_image(firsts[other])
     blended = (image - (0.5 * RED + 0.5 * original)).abs().amax(-1) < 1.5 / 255
     repainted = (image - BLUE).abs().amax(-1) < 1.5 / 255
     expected = seen_by(cameras, firsts[other], [firsts[k] for k in keys])
     seen, agreement = float(expected.float().mean()), float((blended == expected).float().mean())
-    print(f"{other}: {seen:.1%} of pixels seen by a key view, {float(blended.float().mean()):.1%} blended, "
-          f"{float(repainted.float().mean()):.1%} repainted; masks agree on {agreement:.2%}")
+    intrinsics, poses = pipeline._camera_matrices([firsts[other]] + [firsts[k] for k in keys])
+    depths = torch.stack([render(firsts[name])["depth"][..., 0] for name in [other] + keys])
+    _, unconverted = project_key_views(depths[:1], intrinsics[:1], poses[:1], torch.zeros(2, size, size, 3),
+                                       depths[1:], intrinsics[1:], poses[1:], threshold=0.02)
+    print(f"{other}: {seen:.1%} of pixels seen by a key view, {float(blended.float().mean()):.1%} blended "
+          f"(threshold 0.02 LLFF units = {pipeline.scene_threshold(0.02):.4f} scene units; taken as 0.02 scene units: "
+          f"{float(unconverted.any(1).float().mean()):.1%} valid), {float(repainted.float().mean()):.1%} repainted; "
+          f"masks agree on {agreement:.2%}")
     assert bool((blended | repainted).all())
     assert 0.2 < seen < 1.0 and agreement > 0.98
+    assert float(unconverted.any(1).float().mean()) < 0.1 * seen  # measured: 3.1 % against 83 %
+    assert sorted(renders[:4]) == sorted(firsts.values())
+
+    renders.clear()
+    pipeline.run_edit_unit(1)  # the last round: whole-image repaint, depth from the cache
+    torch.testing.assert_close(dataset.current_image(firsts[other]), BLUE.expand_as(image), atol=1 / 255, rtol=0)
+    assert renders == []
 
 
 # ---- end to end: monocular D-NeRF ------------------------------------------------------------------------------------

@@ -126,11 +126,15 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     key_round_final_strength: float = 0.8
     """Edit strength of the last key-view round; strengths follow a cosine from 1.0 down to this."""
     key_view_threshold: float = KEY_VIEW_THRESHOLD
-    """Re-projection distance (scene units) under which a pixel is valid when projecting among key views."""
+    """Re-projection distance under which a pixel is valid when projecting among key views, in the official code's
+    LLFF units (its N3DV loader divides poses by 1.08 x the nearest depth bound); converted to scene units with the
+    dataset's ``llff_unit`` (n3dv-data), taken as scene units for data without it."""
     other_view_threshold: float = OTHER_VIEW_THRESHOLD
-    """Re-projection distance (scene units) under which a pixel is valid when projecting into other cameras."""
+    """Re-projection distance under which a pixel is valid when projecting into other cameras (LLFF units, as
+    ``key_view_threshold``)."""
     blend_ratio: float = 0.5
-    """Weight of the projected edit against the current image where a projection is valid."""
+    """Weight of the projected edit against the current image where a projection is valid (rounds before the last;
+    the last round repaints other cameras' whole images from the blend, as the official code)."""
     depth_kind: DepthKind = "ray"
     """What the model's "depth" output measures: "ray" (distance along the ray, NeRFs) or "z" (splatting)."""
     max_edit_resolution: int = 512
@@ -203,6 +207,9 @@ class Instruct4DPipeline(EditingPipeline):
         self.editor: Optional[FrameEditor] = None
         self.flow: Optional[FlowEstimator] = None
         self._windows: Optional[Iterator[PropagatedWindow]] = None  # the running propagation (one camera's windows)
+        # depth of each camera's first frame, rendered once (from the reconstruction, before it trains on edits) and
+        # reused by every key-view round, as the official code caches it; not checkpointed: a resume re-renders it
+        self._key_depths: dict[int, torch.Tensor] = {}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
     def setup_editing(self, trainer: Trainer) -> None:
@@ -338,7 +345,7 @@ class Instruct4DPipeline(EditingPipeline):
         seed = seed_for(config.edit_seed, 1 << 20, round_index)
         key_edits = self._edit(key_originals, key_inits, strength=strength, steps=config.full_edit_steps, seed=seed)
         if len(keys) > 1 or others:
-            key_depths = torch.stack([self.render(i)["depth"][..., 0] for i in keys])
+            key_depths = torch.stack([self._first_frame_depth(i) for i in keys])
         if len(keys) > 1:
             key_edits = self._agree_key_views(keys, key_edits, key_depths)
         for index, image in zip(keys, key_edits):
@@ -347,11 +354,12 @@ class Instruct4DPipeline(EditingPipeline):
         chunk_size = max(1, config.window_size - 1)  # targets per repaint batch, next to the anchor: one window
         chunks = [others[i : i + chunk_size] for i in range(0, len(others), chunk_size)]
         progress = track(chunks, description="instruct4d: projecting key views", console=CONSOLE, transient=True)
+        last_round = round_index == self.num_key_rounds - 1
         for chunk_number, chunk in enumerate(progress):
-            depths = torch.stack([self.render(i)["depth"][..., 0] for i in chunk])
+            depths = torch.stack([self._first_frame_depth(i) for i in chunk])
             projected, valid = project_key_views(
                 depths, *self._camera_matrices(chunk), key_edits, key_depths, *self._camera_matrices(keys),
-                threshold=config.other_view_threshold, depth_kind=config.depth_kind,
+                threshold=self.scene_threshold(config.other_view_threshold), depth_kind=config.depth_kind,
             )
             current = torch.stack([frames.current(i) for i in chunk])
             blended = blend_with_current(current, projected, valid, config.blend_ratio)
@@ -360,8 +368,10 @@ class Instruct4DPipeline(EditingPipeline):
                 conditions, torch.cat([key_edits[:1], blended]), strength=config.refine_strength,
                 steps=config.refine_steps, seed=seed + 1 + chunk_number,
             )[1:]
-            # projected pixels stay; only what no key view covers is repainted
-            for index, image in zip(chunk, torch.where(hole_mask(valid)[..., None], repainted, blended)):
+            # before the last round, projected pixels stay and only what no key view covers is repainted; the last
+            # round keeps the whole repaint, so no seam between projected and repainted pixels remains
+            kept = repainted if last_round else torch.where(hole_mask(valid)[..., None], repainted, blended)
+            for index, image in zip(chunk, kept):
                 self.put(index, image)
 
     def _agree_key_views(self, keys: List[int], edits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
@@ -372,12 +382,23 @@ class Instruct4DPipeline(EditingPipeline):
             rest = [j for j in range(len(keys)) if j != k]
             projected, valid = project_key_views(
                 depths[k : k + 1], intrinsics[k : k + 1], poses[k : k + 1], edits[rest], depths[rest], intrinsics[rest],
-                poses[rest], threshold=self.config.key_view_threshold, depth_kind=self.config.depth_kind,
+                poses[rest], threshold=self.scene_threshold(self.config.key_view_threshold),
+                depth_kind=self.config.depth_kind,
             )
             agreed.append(blend_with_current(edits[k], projected[0], valid[0], self.config.blend_ratio))
         return torch.stack(agreed)
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
+    def _first_frame_depth(self, index: int) -> torch.Tensor:
+        """Depth [H, W] of training image ``index`` (a camera's first frame), rendered once."""
+        if index not in self._key_depths:
+            self._key_depths[index] = self.render(index)["depth"][..., 0]
+        return self._key_depths[index]
+
+    def scene_threshold(self, llff_threshold: float) -> float:
+        """A re-projection threshold in the official LLFF units, in this dataset's scene units."""
+        return llff_threshold * float(self.datamanager.train_dataset.metadata.get("llff_unit", 1.0))
+
     def _camera_matrices(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pinhole intrinsics [N, 3, 3] and OpenGL camera-to-world [N, 4, 4] of training images."""
         cameras, rows = self.datamanager.train_dataset.cameras, torch.tensor(list(indices))

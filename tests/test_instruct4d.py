@@ -142,10 +142,11 @@ class RecordingEditor:
     """Wraps the pipeline's FrameEditor and records what every call was asked to do."""
 
     def __init__(self, editor):
-        self.editor, self.calls = editor, []
+        self.editor, self.calls, self.inits = editor, [], []
 
     def __call__(self, conditions, inits, **kwargs):
         self.calls.append({"frames": conditions.shape[0], **kwargs})
+        self.inits.append(inits.clone())
         return self.editor(conditions, inits, **kwargs)
 
 
@@ -177,7 +178,10 @@ def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_i
     config = tiny_pipeline_config(tiny_ip2p, steps_per_edit_unit=2, refresh_every=10)
     config.datamanager.dataparser = DNeRFDataParserConfig()
     config.datamanager.data, config.datamanager.camera_res_scale_factor = DNERF_SCENE, SCALE
+    config.datamanager.train_num_images_to_sample_from = -1  # every image in the batch: edited ones are in it
     pipeline: Instruct4DPipeline = config.setup(device="cpu", test_mode="val")
+    batch = pipeline.datamanager.train_image_dataloader.cached_collated_batch
+    untouched = batch["image"][batch["image_idx"].tolist().index(100)].clone()
     pipeline.open_editing(reconstruction_trainer(tmp_path, tmp_path))
     recorder = RecordingEditor(pipeline.editor)
     pipeline.editor = recorder
@@ -200,9 +204,14 @@ def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_i
     assert pipeline.position == EditPosition(
         phase="propagate", key_round=1, camera=0, window=2, passes=0, units=3, first_step=0, last_unit_step=4
     )
-    # the training batch now holds edited images
+    # the training batch now holds edited images: the edited rows were replaced in place, the others left alone
     dataset = pipeline.datamanager.train_dataset
     assert not torch.allclose(dataset.current_image(1), dataset.original_image(1))
+    assert pipeline.datamanager.train_image_dataloader.cached_collated_batch is batch
+    rows = batch["image_idx"].tolist()
+    for index in pipeline.cameras[0].indices[:9]:
+        torch.testing.assert_close(batch["image"][rows.index(index)], dataset[index]["image"])
+    assert torch.equal(batch["image"][rows.index(100)], untouched)
 
     # the IP2P weights are not part of the checkpoint; the schedule position and the store are
     state = pipeline.state_dict()
@@ -221,6 +230,11 @@ def test_schedule_edits_key_view_then_windows_then_refreshes_from_renders(tiny_i
     pipeline.get_train_loss_dict(30)
     assert len(recorder.calls) == 4 and pipeline.position.phase == "refresh"
     assert sorted(renders) == sorted(pipeline.cameras[0].indices[1:5])
+    assert recorder.calls[3]["seed"] == first["seed"]  # the first pass's noise for the same window
+    # the window starts from the renders, not from warped edits
+    pipeline.model.eval()  # as the edit unit renders
+    renders_now = torch.stack([pipeline.render(i)["rgb"] for i in pipeline.cameras[0].indices[1:5]])
+    torch.testing.assert_close(recorder.inits[3][1:], renders_now)
 
 
 # ---- multi-camera: key views projected through depth -----------------------------------------------------------------
@@ -458,6 +472,34 @@ def test_ns_render_renders_the_edited_scene_through_time(resumed, tmp_path):
     differences = [float(np.abs(a - b).mean()) for a, b in zip(frames, frames[1:])]
     print(f"ns-render camera-path: mean abs difference between render times {differences}")
     assert min(differences) > 1e-3
+
+
+# ---- end to end: a real monocular video through the default parser --------------------------------------------------
+NRNERF = Path(__file__).resolve().parents[2] / "shared" / "data" / "nrnerf_example_sequence"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NRNERF.is_dir(), reason=f"needs {NRNERF}")
+def test_monocular_video_edits_through_the_default_parser(tiny_ip2p, tmp_path):
+    """The NR-NeRF handheld video (86 frames, 64x48 here): a nerfacto-4d reconstruction read by ns4d-data, then
+    instruct4d with its default parser (no parser named): key frame, then two windows of RAFT-warped frames."""
+    data = NRNERF / "transforms_nerfstudio_derived.json"
+    scale = ["--pipeline.datamanager.camera-res-scale-factor", "0.125"]
+    result = train("nerfacto-4d", tmp_path, "recon", 2, *scale, "ns4d-data", "--eval-mode", "all", data=data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    load_dir = tmp_path / "exp" / "nerfacto-4d" / "recon" / "nerfstudio_models"
+    result = train("instruct4d", tmp_path, "edit", 3, *scale,
+                   *edit_args(tiny_ip2p, load_dir, "--pipeline.steps-per-edit-unit", "1"), data=data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "exp" / "instruct4d" / "edit"
+    assert "propagate pass 1: cam00 window 2/22" in " ".join(result.stdout.split())
+    index = json.loads((run_dir / "edits" / "index.json").read_text())
+    assert sorted(e["frame"] for e in index.values()) == list(range(9))
+    assert extra_state(run_dir)["num_train_images"] == 86  # every frame, in capture order
+    frames = sorted(NRNERF.glob("images/*.png"))
+    for entry in index.values():
+        original = np.asarray(Image.open(frames[entry["frame"]]).convert("RGB").resize((64, 48), Image.BILINEAR))
+        assert np.abs(png(run_dir / "edits" / entry["file"]) - original / 255.0).mean() > 0.05
 
 
 # ---- end to end: multi-camera capture rendered from the reconstruction ----------------------------------------------

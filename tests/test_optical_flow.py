@@ -173,7 +173,8 @@ def test_default_raft_is_torchvisions_raft_things_port_from_the_hub_cache(torch_
     with pytest.raises(WeightsUnavailableError) as caught:
         build_flow_estimator("raft", field_name="--pipeline.raft-weights")
     message = str(caught.value)
-    assert "\n" not in message and message.startswith("--pipeline.raft-weights: cannot load 'Raft_Large_Weights.C_T_V1'")
+    assert "\n" not in message
+    assert message.startswith("--pipeline.raft-weights: cannot load 'Raft_Large_Weights.C_T_V1'")
     assert "--pipeline.flow-backend dis" in message
 
     torch.manual_seed(0)

@@ -136,7 +136,7 @@ def convert_raft_state_dict(state_dict: dict[str, torch.Tensor], model: RAFT, sm
 
 
 def is_original_raft_checkpoint(state_dict: dict[str, torch.Tensor]) -> bool:
-    """princeton-vl's checkpoints name the encoders ``fnet``/``cnet`` (after a ``module.`` prefix); torchvision does not."""
+    """princeton-vl's checkpoints name the encoders ``fnet``/``cnet`` (after a ``module.`` prefix), torchvision not."""
     return any(key.removeprefix("module.").startswith(("fnet.", "cnet.")) for key in state_dict)
 
 
@@ -226,7 +226,8 @@ class RaftFlow:
         flow = flow[:, :, padding[2] : padding[2] + height, padding[0] : padding[0] + width]
         if (height, width) != (full_height, full_width):  # back to the frames' grid, in their pixels
             flow = F.interpolate(flow, size=(full_height, full_width), mode="bilinear", align_corners=False)
-            flow = flow * torch.tensor([full_width / width, full_height / height], device=flow.device)[None, :, None, None]
+            scale = torch.tensor([full_width / width, full_height / height], device=flow.device)
+            flow = flow * scale[None, :, None, None]
         flow = flow.permute(0, 2, 3, 1).to(img1.device)
         return flow[0] if img1.ndim == 3 else flow
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, List, Literal, Optional, Sequence, Type
 
 import numpy as np

@@ -33,7 +33,10 @@ instruct4d = MethodSpecification(
                 # frames follows the scene (D-NeRF's camera jumps between frames: dnerf-data stays available).
                 # Every frame is edited and trained on, as in the official code.
                 dataparser=Ns4dDataParserConfig(eval_mode="all"),
-                train_num_rays_per_batch=4096,
+                # the official NeRFPlayer-nerfacto's batch; its LPIPS term (weight 1) needs patch sampling, which
+                # nerfacto-4d's ray sampler does not do, and its constant lr 1e-2 is the optimizers' business (kept
+                # as the reconstruction's, so that their state resumes)
+                train_num_rays_per_batch=16384,
                 eval_num_rays_per_batch=4096,
                 # a bounded subset of (edited) images in memory, resampled often enough to see every frame
                 train_num_images_to_sample_from=50,

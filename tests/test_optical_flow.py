@@ -1,4 +1,5 @@
-"""Optical flow (RAFT from torchvision's weights or the original checkpoint, OpenCV DIS), backward warping and the occlusion mask.
+"""Optical flow (RAFT from torchvision's weights or the original checkpoint, OpenCV DIS), backward warping and the
+occlusion mask.
 
 Real data: the Sintel demo frames and the two sample videos in ../shared/data, downscaled so RAFT stays cheap on the
 CPU; the original RAFT-small checkpoint in ../shared/weights.

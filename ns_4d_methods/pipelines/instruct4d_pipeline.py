@@ -16,7 +16,10 @@ loss. The units, in order:
    (:mod:`ns_4d_methods.editing.flow_propagation`) carry the camera's edited first frame through its frames.
 3. **refresh passes**, every ``refresh_every`` steps: the same windows, repainted from the model's current renders
    (anchored on the key frame's edit, with the first pass's seed per window), so the targets follow what the scene
-   has become without drawing new, independent edits.
+   has become without drawing new, independent edits. The official multi-camera script edits key views for 12 rounds
+   and then makes one pass; the monocular plugin keeps only its first pass. Refreshes every 2,000 steps are this
+   package's choice (``--pipeline.refresh-every 0`` turns them off, the official behaviour); their benefit has not
+   been measured with the real InstructPix2Pix (no GPU where this was written).
 
 Edits are PNGs in an :class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never
 written); the training images are read through :class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, and

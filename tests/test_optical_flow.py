@@ -283,9 +283,9 @@ def test_raft_pads_any_size(raft: RaftFlow) -> None:
 
 def test_build_flow_estimator() -> None:
     assert isinstance(build_flow_estimator("dis"), DisFlow)
-    assert isinstance(build_flow_estimator("raft", raft_checkpoint=RAFT_SMALL), RaftFlow)
-    with pytest.raises(WeightsUnavailableError, match="pipeline.raft_checkpoint"):
-        build_flow_estimator("raft", field_name="pipeline.raft_checkpoint")
+    assert isinstance(build_flow_estimator("raft", raft_weights=RAFT_SMALL), RaftFlow)
+    with pytest.raises(WeightsUnavailableError, match="pipeline.raft_weights"):
+        build_flow_estimator("raft", raft_weights="no-such-raft.pth", field_name="pipeline.raft_weights")
 
 
 # ---- warping and the occlusion mask ----------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def test_edit_size_is_bounded_and_a_multiple_of_eight():
     assert edit_size(1080, 1920, 512) == (288, 512)
     assert edit_size(64, 50, 512) == (64, 48)
     assert edit_size(5, 3, 512) == (8, 8)
+    assert edit_size(1014, 1352, 0) == (1016, 1352)  # no cap: the training resolution, to multiples of 8
     for height, width in [(437, 1013), (2000, 30), (96, 128)]:
         h, w = edit_size(height, width, 256)
         assert h % 8 == 0 and w % 8 == 0 and max(h, w) <= 256 + 4

@@ -1,4 +1,5 @@
-"""Optical flow (RAFT from the original checkpoint, OpenCV DIS), backward warping and the occlusion mask.
+"""Optical flow (RAFT from torchvision's weights or the original checkpoint, OpenCV DIS), backward warping and the
+occlusion mask.
 
 Real data: the Sintel demo frames and the two sample videos in ../shared/data, downscaled so RAFT stays cheap on the
 CPU; the original RAFT-small checkpoint in ../shared/weights.
@@ -6,6 +7,7 @@ CPU; the original RAFT-small checkpoint in ../shared/weights.
 
 from __future__ import annotations
 
+import urllib.error
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from torchvision.models.optical_flow import raft_large, raft_small
 
 from ns_4d_methods.editing.optical_flow import (
+    RAFT_WEIGHTS,
     DisFlow,
     RaftFlow,
     build_flow_estimator,
@@ -24,7 +27,7 @@ from ns_4d_methods.editing.optical_flow import (
     raft_key_to_torchvision,
 )
 from ns_4d_methods.editing.warping import backward_warp, flow_in_bounds, forward_backward_valid_mask
-from ns_4d_methods.guidance.model_loading import WeightsUnavailableError
+from ns_4d_methods.guidance.model_loading import WeightsUnavailableError, torchvision_cache_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RAFT_SMALL = SHARED / "weights" / "raft-small.pth"
@@ -138,17 +141,85 @@ def test_raft_large_mapping_covers_torchvision_raft_large() -> None:
 def test_raft_checkpoint_errors_are_one_line(tmp_path: Path) -> None:
     absent = tmp_path / "raft-things.pth"
     with pytest.raises(WeightsUnavailableError) as missing:
-        RaftFlow(absent, field_name="pipeline.raft_checkpoint")
-    assert str(missing.value) == f"pipeline.raft_checkpoint: cannot load '{absent}' (no such file)"
+        RaftFlow(absent, field_name="pipeline.raft_weights")
+    message = str(missing.value)
+    assert "\n" not in message and message.startswith(f"pipeline.raft_weights: cannot load '{absent}' (no such file")
+    assert message.endswith("; or --pipeline.flow-backend dis for OpenCV's weight-free flow")
 
     truncated = dict(torch.load(RAFT_SMALL, map_location="cpu", weights_only=True))
     truncated.pop("module.update_block.flow_head.conv2.bias")
     truncated["module.fnet.conv1.weight"] = truncated["module.fnet.conv1.weight"][:16]
     torch.save(truncated, tmp_path / "broken.pth")
     with pytest.raises(WeightsUnavailableError) as broken:
-        RaftFlow(tmp_path / "broken.pth", field_name="pipeline.raft_checkpoint")
+        RaftFlow(tmp_path / "broken.pth", field_name="pipeline.raft_weights")
     message = str(broken.value)
     assert "\n" not in message and "update_block.flow_head.conv2.bias" in message and "fnet.conv1.weight" in message
+
+
+@pytest.fixture()
+def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """An empty torch hub cache, and no network: a download attempt fails as it does offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch_home"
+
+
+def test_default_raft_is_torchvisions_raft_things_port_from_the_hub_cache(torch_home) -> None:
+    """The default flow is RAFT with ``Raft_Large_Weights.C_T_V1``, read from the torch hub cache (random weights
+    written there); offline and uncached, one line naming the field and the flag for DIS."""
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_flow_estimator("raft", field_name="--pipeline.raft-weights")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("--pipeline.raft-weights: cannot load 'Raft_Large_Weights.C_T_V1'")
+    assert "--pipeline.flow-backend dis" in message
+
+    torch.manual_seed(0)
+    network = raft_large(weights=None)
+    path = torchvision_cache_path(RAFT_WEIGHTS)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the failed download made the folder
+    torch.save(network.state_dict(), path)
+    flow = build_flow_estimator("raft")
+    assert isinstance(flow, RaftFlow) and not flow.small and flow.iterations == 20
+    loaded = flow.model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in network.state_dict().items())
+    # torchvision's RAFT-small layout, by path: read as small
+    small = raft_small(weights=None)
+    torch.save(small.state_dict(), torch_home / "small.pth")
+    assert RaftFlow(torch_home / "small.pth").small
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Stands in for RAFT: records the input size, returns a flow of (1, 0.5) px at that size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list = []
+
+    def forward(self, image1, image2, num_flow_updates):
+        self.sizes.append(tuple(image1.shape[-2:]))
+        flow = torch.zeros(image1.shape[0], 2, *image1.shape[-2:])
+        flow[:, 0], flow[:, 1] = 1.0, 0.5
+        return [flow]
+
+
+def test_flow_of_a_full_n3dv_frame_is_computed_at_the_bounded_size() -> None:
+    """A 2704x2028 pair goes through RAFT at 1352x1014 (padded to 1352x1016), and the flow comes back at 2704x2028
+    in full-resolution pixels."""
+    flow = RaftFlow(RAFT_SMALL)
+    flow.model = ShapeRecorder()
+    frames = torch.rand(2, 2028, 2704, 3)
+    result = flow.estimate_flow(frames[0], frames[1])
+    assert flow.model.sizes == [(1016, 1352)]
+    assert result.shape == (2028, 2704, 2)
+    torch.testing.assert_close(result[100, 200], torch.tensor([2.0, 1.0]), atol=1e-3, rtol=0)
+    flow.model.sizes.clear()
+    flow.estimate_flow(frames[0, :480, :640], frames[1, :480, :640])  # small frames: at their own size
+    assert flow.model.sizes == [(480, 640)]
 
 
 # ---- flow quality on real frames --------------------------------------------------------------------------------
@@ -212,9 +283,9 @@ def test_raft_pads_any_size(raft: RaftFlow) -> None:
 
 def test_build_flow_estimator() -> None:
     assert isinstance(build_flow_estimator("dis"), DisFlow)
-    assert isinstance(build_flow_estimator("raft", raft_checkpoint=RAFT_SMALL), RaftFlow)
-    with pytest.raises(WeightsUnavailableError, match="pipeline.raft_checkpoint"):
-        build_flow_estimator("raft", field_name="pipeline.raft_checkpoint")
+    assert isinstance(build_flow_estimator("raft", raft_weights=RAFT_SMALL), RaftFlow)
+    with pytest.raises(WeightsUnavailableError, match="pipeline.raft_weights"):
+        build_flow_estimator("raft", raft_weights="no-such-raft.pth", field_name="pipeline.raft_weights")
 
 
 # ---- warping and the occlusion mask ----------------------------------------------------------------------------

@@ -227,7 +227,12 @@ class N3DVDataParser(DataParser):
             scene_box=SceneBox(aabb=torch.tensor([[-s, -s, -s], [s, s, s]], dtype=torch.float32)),
             dataparser_scale=scale,
             dataparser_transform=transform,
-            metadata={"frame_sources": sources, "camera_names": names},
+            # one unit of the official Instruct 4D-to-4D N3DV loader (poses / (1.08 x nearest bound)), in scene units
+            metadata={
+                "frame_sources": sources,
+                "camera_names": names,
+                "llff_unit": LLFF_UNIT * float(rows[:, 15].min()) * scale,
+            },
         )
 
     def _split(self, cameras: List[_CameraSource]) -> Tuple[List[int], List[int]]:
@@ -282,6 +287,10 @@ class N3DVDataParser(DataParser):
             )
         table = torch.tensor(values, dtype=torch.float64)
         return [table[:, i : i + 1].float() for i in range(4)] + [table[:, i : i + 1].long() for i in (4, 5)]
+
+
+LLFF_UNIT = 1.8 * 0.6
+"""The official Instruct 4D-to-4D N3DV loader divides positions by ``1.8 x 0.6 x`` the nearest depth bound."""
 
 
 @dataclass

@@ -26,9 +26,10 @@ from torch import Tensor
 DepthKind = Literal["ray", "z"]
 
 KEY_VIEW_THRESHOLD = 0.05
-"""Re-projection distance (scene units) under which a pixel is valid when projecting among key views (paper)."""
+"""Re-projection distance under which a pixel is valid when projecting among key views (official code; in its LLFF
+units: positions divided by 1.08 x the nearest depth bound)."""
 OTHER_VIEW_THRESHOLD = 0.02
-"""Re-projection distance (scene units) for projecting key views into the remaining cameras (paper)."""
+"""Re-projection distance for projecting key views into the remaining cameras (official code; LLFF units)."""
 
 # OpenGL camera axes (x right, y up, z back) to the pinhole/OpenCV axes the intrinsics expect (y down, z front).
 _GL_TO_CV = torch.tensor([1.0, -1.0, -1.0])

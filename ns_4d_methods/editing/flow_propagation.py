@@ -2,15 +2,20 @@
 
 The frames of one camera, in time order, are cut into windows of ``window_size`` frames that overlap by ``overlap``
 frames (window i covers frames ``[i (size - overlap), i (size - overlap) + size)``); frame 0 is the key frame, already
-edited. For every frame not covered by an earlier window, in order:
+edited. The frame before a window's new frames (the key frame, then the last frame of the previous window, already
+repainted) is the window's *bridge*. For every frame of the window, as in the official code:
 
-- optical flow is computed on the *original* frames, previous -> current and current -> previous;
-- the *edited* previous frame is backward-warped into the current frame (with the flow current -> previous);
+- optical flow is computed on the *original* frames, bridge -> frame and frame -> bridge;
+- the *edited* bridge frame is backward-warped straight into the frame (with the flow frame -> bridge);
 - where the forward-backward check fails (occlusion, disocclusion, out of view) the current image is kept.
 
+Warps go straight from the bridge, never from the previous frame's warp: content occluded in one frame of a window (and
+so kept unedited there) is not carried on as "valid" into the next ones, and bilinear resampling blurs once, not once
+per frame (``tests/test_flow_propagation.py`` measures chained warps against direct ones).
+
 The warped window, with the edited key frame prepended as the anchor, is then re-noised and repainted by an
-anchor-aware editor (few steps), conditioned on the original frames. The repainted last frame of a window is what the
-next window warps from.
+anchor-aware editor (few steps), conditioned on the original frames. With ``from_current`` (refresh passes) nothing is
+warped: the window is repainted from the current images (the model's renders), anchored on the key frame's edit.
 
 :func:`propagate` is a generator that yields one window at a time and reads frames from a :class:`FrameSource` only
 when that window needs them, so a caller can edit one window per call and memory holds a window, not the sequence.
@@ -90,20 +95,21 @@ def new_frames(windows: Sequence[range], index: int) -> range:
 
 
 def warp_edit(
-    previous_edit: torch.Tensor,
-    previous_original: torch.Tensor,
+    source_edit: torch.Tensor,
+    source_original: torch.Tensor,
     original: torch.Tensor,
     current: torch.Tensor,
     flow: FlowEstimator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The previous frame's edit carried into this frame, and where it is valid ([H, W, 3], [H, W] bool).
+    """An edited frame (``source_edit``, the edit of ``source_original``) carried into the frame ``original``, and where
+    it is valid ([H, W, 3], [H, W] bool).
 
     Flow is estimated on the original frames; invalid pixels take ``current``.
     """
-    flow_bwd = flow.estimate_flow(original, previous_original)  # current -> previous: where each pixel came from
-    flow_fwd = flow.estimate_flow(previous_original, original)
+    flow_bwd = flow.estimate_flow(original, source_original)  # this frame -> source: where each pixel came from
+    flow_fwd = flow.estimate_flow(source_original, original)
     valid = forward_backward_valid_mask(flow_fwd, flow_bwd)
-    warped = backward_warp(previous_edit, flow_bwd)
+    warped = backward_warp(source_edit, flow_bwd)
     return torch.where(valid[..., None], warped, current), valid
 
 
@@ -117,6 +123,7 @@ def propagate(
     overlap: int = 1,
     start_window: int = 0,
     seed: int = 0,
+    from_current: bool = False,
 ) -> Iterator[PropagatedWindow]:
     """Propagate the edit of ``frames[0]`` (``source.edited``) through ``frames`` (time order), window by window.
 
@@ -129,6 +136,7 @@ def propagate(
         overlap: frames shared by consecutive windows.
         start_window: first window to edit (to continue a sequence: frames before it must be edited already).
         seed: base seed of the repaints.
+        from_current: repaint every window from the current images instead of warped edits (no flow is computed).
 
     Yields:
         :class:`PropagatedWindow` for windows ``start_window, start_window + 1, ...``.
@@ -139,24 +147,29 @@ def propagate(
     key = frames[0]
     key_original, key_edit = source.original(key), source.edited(key)
     bridge = frames[new_frames(windows, start_window).start - 1]
-    if bridge == key:
-        previous_original, previous_edit = key_original, key_edit
+    if from_current:
+        bridge_original = bridge_edit = None
+    elif bridge == key:
+        bridge_original, bridge_edit = key_original, key_edit
     else:
-        previous_original, previous_edit = source.original(bridge), source.edited(bridge)
+        bridge_original, bridge_edit = source.original(bridge), source.edited(bridge)
     for index in range(start_window, len(windows)):
         positions = new_frames(windows, index)
         conditions, inits, valid_fraction = [key_original], [key_edit], []
         for position in positions:
-            original = source.original(frames[position])
-            init, valid = warp_edit(previous_edit, previous_original, original, source.current(frames[position]), flow)
+            original, current = source.original(frames[position]), source.current(frames[position])
+            if from_current:
+                init, valid = current, torch.zeros(())
+            else:
+                init, valid = warp_edit(bridge_edit, bridge_original, original, current, flow)
             conditions.append(original)
             inits.append(init)
             valid_fraction.append(valid.float().mean())
-            previous_original, previous_edit = original, init
+            del current
         edited = repaint(torch.stack(conditions), torch.stack(inits), seed=seed + index)[1:]
-        # only the bridge frame (and the key frame) cross into the next window
+        if not from_current:  # the last frame, repainted, is the next window's bridge
+            bridge_original, bridge_edit = conditions[-1], edited[-1].clone()
         del conditions, inits
-        previous_edit = edited[-1].clone()
         result = PropagatedWindow(index, [frames[p] for p in positions], edited, torch.stack(valid_fraction))
         del edited
         yield result

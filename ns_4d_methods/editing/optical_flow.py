@@ -1,14 +1,19 @@
-"""Optical flow between frames: RAFT (torchvision's architecture, original checkpoints) and OpenCV DIS.
+"""Optical flow between frames: RAFT (torchvision's architecture and weights, or original checkpoints) and OpenCV DIS.
 
 Both backends share one call, ``estimate_flow(img1, img2)``: images are float tensors in [0, 1], ``[H, W, 3]`` or
 ``[B, H, W, 3]``; the result is the flow from ``img1`` to ``img2``, ``[H, W, 2]`` or ``[B, H, W, 2]`` float32 on the
 images' device, in pixels, with ``flow[y, x] = (dx, dy)`` such that ``img1[y, x]`` is seen at
 ``img2[y + dy, x + dx]``.
 
-- :class:`RaftFlow`: torchvision's ``raft_small``/``raft_large`` loaded from the original princeton-vl checkpoints
-  (``raft-small.pth``, ``raft-things.pth``, saved through ``DataParallel``: keys start with ``module.``). torchvision
-  has the same architecture under other parameter names; :func:`raft_key_to_torchvision` is the explicit mapping and
-  :func:`convert_raft_state_dict` checks that every tensor finds its place with the right shape.
+- :class:`RaftFlow`: torchvision's ``raft_small``/``raft_large`` with weights found the way users get them
+  (:func:`~ns_4d_methods.guidance.model_loading.load_torchvision_state_dict`): a torchvision weights enum name
+  (default ``Raft_Large_Weights.C_T_V1``, torchvision's port of the original ``raft-things.pth``, read from the torch
+  hub cache or downloaded into it) or a local file, either torchvision's layout or an original princeton-vl checkpoint
+  (``raft-small.pth``, ``raft-things.pth``, saved through ``DataParallel``: keys start with ``module.``).
+  torchvision has the same architecture under other parameter names; :func:`raft_key_to_torchvision` is the explicit
+  mapping and :func:`convert_raft_state_dict` checks that every tensor finds its place with the right shape.
+  Flow is computed at a bounded size (``max_size`` on the long side) and scaled back: RAFT's all-pairs correlation
+  holds ``(H W / 64)^2`` floats, about 29 GB in fp32 for a 2704x2028 N3DV frame, 1.8 GB at 1352x1014.
 - :class:`DisFlow`: OpenCV's dense inverse search ("medium" preset), weight-free and fast on the CPU.
 """
 
@@ -24,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.optical_flow import RAFT, raft_large, raft_small
 
-from ns_4d_methods.guidance.model_loading import WeightsUnavailableError
+from ns_4d_methods.guidance.model_loading import WeightsUnavailableError, load_torchvision_state_dict
 
 FlowBackend = Literal["raft", "dis"]
+RAFT_WEIGHTS = "Raft_Large_Weights.C_T_V1"  # torchvision's port of the original raft-things.pth
+MAX_FLOW_SIZE = 1352  # long side: the official N3DV training resolution (1352x1014), a 1.8 GB correlation volume
+DIS_HINT = "or --pipeline.flow-backend dis for OpenCV's weight-free flow"
 MIN_RAFT_SIZE = 128  # torchvision RAFT: feature maps (1/8 resolution) must be at least 16 px for 4 pyramid levels
 
 
@@ -127,20 +135,38 @@ def convert_raft_state_dict(state_dict: dict[str, torch.Tensor], model: RAFT, sm
     return converted
 
 
-def load_raft(checkpoint: str | Path, field_name: str = "raft_checkpoint") -> tuple[RAFT, bool]:
-    """Build torchvision RAFT from an original checkpoint file; returns the frozen model (CPU) and whether small."""
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(field_name, str(checkpoint), "no such file")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    small = is_small_raft_checkpoint(state_dict)
+def is_original_raft_checkpoint(state_dict: dict[str, torch.Tensor]) -> bool:
+    """princeton-vl's checkpoints name the encoders ``fnet``/``cnet`` (after a ``module.`` prefix), torchvision not."""
+    return any(key.removeprefix("module.").startswith(("fnet.", "cnet.")) for key in state_dict)
+
+
+def load_raft(
+    weights: str | Path = RAFT_WEIGHTS, field_name: str = "raft_weights", hint: str = DIS_HINT
+) -> tuple[RAFT, bool]:
+    """Build torchvision RAFT from a weights enum name or a file (torchvision's or an original checkpoint); returns
+    the frozen model (CPU) and whether it is RAFT-small. Unusable weights raise a one-line
+    :class:`~ns_4d_methods.guidance.model_loading.WeightsUnavailableError` naming ``field_name``, with ``hint``."""
+    state_dict = load_torchvision_state_dict(weights, field_name, hint)
+    if is_original_raft_checkpoint(state_dict):
+        small = is_small_raft_checkpoint(state_dict)
+    else:  # torchvision's layout: only RAFT (large) has a second, vertical GRU
+        small = not any(key.startswith("update_block.recurrent_block.convgru2.") for key in state_dict)
     model = raft_small(weights=None) if small else raft_large(weights=None)
     try:
-        model.load_state_dict(convert_raft_state_dict(state_dict, model, small))
-    except ValueError as error:
-        raise WeightsUnavailableError(field_name, str(checkpoint), str(error)) from error
+        if is_original_raft_checkpoint(state_dict):
+            state_dict = convert_raft_state_dict(state_dict, model, small)
+        model.load_state_dict(state_dict)
+    except (ValueError, RuntimeError) as error:
+        cause = str(error).strip().splitlines()[0]
+        raise WeightsUnavailableError(field_name, str(weights), cause, hint) from error
     model.requires_grad_(False)
     return model.eval(), small
+
+
+def bounded_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """(height, width) scaled so that the long side is at most ``max_size`` (never enlarged)."""
+    scale = min(1.0, max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _as_batch(image: torch.Tensor) -> torch.Tensor:
@@ -152,32 +178,39 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
 
 
 class RaftFlow:
-    """RAFT optical flow on torchvision's architecture with an original princeton-vl checkpoint.
+    """RAFT optical flow on torchvision's architecture.
 
     Args:
-        checkpoint: path of ``raft-small.pth`` or ``raft-things.pth`` (the variant is read from the keys).
-        field_name: config field holding ``checkpoint``, named in the error when it cannot be loaded.
+        weights: a torchvision weights enum name (``Raft_Large_Weights.C_T_V1``, ``Raft_Small_Weights.C_T_V2``, ...)
+            or a file: torchvision's state dict, or the original ``raft-things.pth`` / ``raft-small.pth`` (the
+            variant is read from the keys).
+        field_name: config field holding ``weights``, named in the error when they cannot be loaded.
         iterations: recurrent refinement steps; if None, 20 for RAFT (Instruct 4D-to-4D's setting), 12 for RAFT-small.
+        max_size: long side, in pixels, that flow is computed at; larger frames are downscaled for RAFT and the flow
+            scaled back to their size (see the module docstring for the memory).
         device: where the network runs.
     """
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        weights: str | Path = RAFT_WEIGHTS,
         *,
-        field_name: str = "raft_checkpoint",
+        field_name: str = "raft_weights",
         iterations: int | None = None,
+        max_size: int = MAX_FLOW_SIZE,
         device: torch.device | str = "cpu",
     ) -> None:
-        model, self.small = load_raft(checkpoint, field_name)
+        model, self.small = load_raft(weights, field_name)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.iterations = iterations or (12 if self.small else 20)
+        self.max_size = max_size
 
     @torch.no_grad()
     def estimate_flow(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
         batch1, batch2 = _as_batch(img1), _as_batch(img2)
-        height, width = batch1.shape[1:3]
+        full_height, full_width = batch1.shape[1:3]
+        height, width = bounded_size(full_height, full_width, self.max_size)
         # RAFT works at 1/8 resolution: replicate-pad both sides to a multiple of 8, as the original demo does, and
         # to at least 128 px, below which torchvision's correlation pyramid cannot downsample
         pad_h, pad_w = max(-height % 8, MIN_RAFT_SIZE - height), max(-width % 8, MIN_RAFT_SIZE - width)
@@ -185,10 +218,16 @@ class RaftFlow:
 
         def prepare(batch: torch.Tensor) -> torch.Tensor:
             pixels = batch.to(self.device, torch.float32).permute(0, 3, 1, 2) * 2.0 - 1.0  # RAFT reads [-1, 1]
+            if (height, width) != (full_height, full_width):
+                pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True)
             return F.pad(pixels, padding, mode="replicate")
 
         flow = self.model(prepare(batch1), prepare(batch2), num_flow_updates=self.iterations)[-1]
         flow = flow[:, :, padding[2] : padding[2] + height, padding[0] : padding[0] + width]
+        if (height, width) != (full_height, full_width):  # back to the frames' grid, in their pixels
+            flow = F.interpolate(flow, size=(full_height, full_width), mode="bilinear", align_corners=False)
+            scale = torch.tensor([full_width / width, full_height / height], device=flow.device)
+            flow = flow * scale[None, :, None, None]
         flow = flow.permute(0, 2, 3, 1).to(img1.device)
         return flow[0] if img1.ndim == 3 else flow
 
@@ -224,16 +263,15 @@ class DisFlow:
 def build_flow_estimator(
     backend: FlowBackend,
     *,
-    raft_checkpoint: str | Path | None = None,
-    field_name: str = "raft_checkpoint",
+    raft_weights: str | Path = RAFT_WEIGHTS,
+    field_name: str = "raft_weights",
     iterations: int | None = None,
+    max_size: int = MAX_FLOW_SIZE,
     device: torch.device | str = "cpu",
 ) -> FlowEstimator:
-    """The estimator a config asks for: ``"raft"`` (needs ``raft_checkpoint``) or ``"dis"``."""
+    """The estimator a config asks for: ``"raft"`` (with ``raft_weights``, see :class:`RaftFlow`) or ``"dis"``."""
     if backend == "dis":
         return DisFlow()
     if backend == "raft":
-        if raft_checkpoint is None:
-            raise WeightsUnavailableError(field_name, "None", "RAFT needs a checkpoint file")
-        return RaftFlow(raft_checkpoint, field_name=field_name, iterations=iterations, device=device)
+        return RaftFlow(raft_weights, field_name=field_name, iterations=iterations, max_size=max_size, device=device)
     raise ValueError(f"unknown optical-flow backend '{backend}' (expected 'raft' or 'dis')")

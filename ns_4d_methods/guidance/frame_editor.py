@@ -18,9 +18,9 @@ SIZE_MULTIPLE = 8  # Stable Diffusion's VAE downscales by 8
 
 
 def edit_size(height: int, width: int, max_resolution: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """The (height, width) frames are edited at: long side at most ``max_resolution`` (never enlarged), both sides
-    rounded to the nearest multiple of ``multiple`` (at least ``multiple``)."""
-    scale = min(1.0, max_resolution / max(height, width))
+    """The (height, width) frames are edited at: long side at most ``max_resolution`` (never enlarged; no cap when
+    ``max_resolution`` <= 0), both sides rounded to the nearest multiple of ``multiple`` (at least ``multiple``)."""
+    scale = 1.0 if max_resolution <= 0 else min(1.0, max_resolution / max(height, width))
     return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))  # type: ignore
 
 
@@ -37,7 +37,7 @@ class FrameEditor:
 
     Args:
         editor: the loaded InstructPix2Pix editor.
-        max_resolution: long side, in pixels, that frames are edited at (at most).
+        max_resolution: long side, in pixels, that frames are edited at (at most); 0: their own size.
     """
 
     def __init__(self, editor: InstructPix2PixEditor, max_resolution: int = 512) -> None:

@@ -9,10 +9,16 @@ loaded through :mod:`ns_4d_methods.guidance.model_loading`:
 - the edit strength in (0, 1] picks where sampling starts on the scheduler's own timesteps (diffusers' img2img
   convention: ``int(steps x strength)`` of ``steps`` are run): strength 1 starts from pure noise, a lower strength
   from the current images noised to the first remaining timestep;
-- optional anchor attention (:mod:`ns_4d_methods.guidance.anchor_attention`) makes frame 0 the anchor of the window.
+- optional anchor attention (:mod:`ns_4d_methods.guidance.anchor_attention`) makes frame 0 the anchor of the window,
+  and cross-frame GroupNorm (:mod:`ns_4d_methods.guidance.cross_frame_norm`) shares the ResNet blocks' normalisation
+  statistics over the window's frames, the two couplings of the official inflated UNet;
+- the sampler is deterministic DDIM (eta 0) on Stable Diffusion 1.4's DDIM settings, as the official code edits
+  (``sampler="ddim"``); ``"pipeline"`` keeps the model's own scheduler (Euler ancestral for timbrooks' weights, which
+  draws fresh noise per frame at every step).
 
 With anchor attention off and strength 1 the result is that of ``StableDiffusionInstructPix2PixPipeline.__call__``
-with the same model, seed, steps and guidance. The loaded models are frozen and held outside ``state_dict()``.
+with the same model, scheduler, seed, steps and guidance. The loaded models are frozen and held outside
+``state_dict()``.
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline
+from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from ns_4d_methods.guidance.anchor_attention import anchor_attention
+from ns_4d_methods.guidance.cross_frame_norm import cross_frame_group_norm
 from ns_4d_methods.guidance.model_loading import hold_frozen, load_diffusion_pipeline
 
 AnchorAttentionMode = Literal["off", "anchor", "anchor_self"]
+Sampler = Literal["ddim", "pipeline"]
+# Stable Diffusion 1.4's DDIM settings (CompVis/stable-diffusion-v1-4 scheduler config), which the official code uses;
+# the noise schedule (betas) is the loaded model's, the same for SD 1.4 and InstructPix2Pix
+SD14_DDIM = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 
 IP2P_MODEL_ID = "timbrooks/instruct-pix2pix"
 
@@ -41,6 +52,7 @@ class InstructPix2PixEditor(torch.nn.Module):
         field_name: the config field that holds ``model_id``, named in the error when it cannot be loaded.
         device: where the models run.
         dtype: model dtype; fp16 on CUDA and fp32 on the CPU when None.
+        sampler: "ddim" (deterministic DDIM, eta 0: the official code's) or "pipeline" (the model's own scheduler).
     """
 
     def __init__(
@@ -50,6 +62,7 @@ class InstructPix2PixEditor(torch.nn.Module):
         field_name: str = "pipeline.ip2p_model_id",
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        sampler: Sampler = "ddim",
     ) -> None:
         super().__init__()
         pipeline = load_diffusion_pipeline(
@@ -64,7 +77,11 @@ class InstructPix2PixEditor(torch.nn.Module):
         # frozen and out of checkpoints: see the holder pattern in model_loading
         for name in ("vae", "unet", "text_encoder", "tokenizer"):
             hold_frozen(self, name, getattr(pipeline, name))
+        if sampler not in ("ddim", "pipeline"):
+            raise ValueError(f"sampler must be 'ddim' or 'pipeline', got '{sampler}'")
         self.scheduler = pipeline.scheduler
+        if sampler == "ddim":  # eta defaults to 0 in DDIMScheduler.step: no noise is drawn after the start
+            self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, **SD14_DDIM)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
@@ -136,7 +153,8 @@ class InstructPix2PixEditor(torch.nn.Module):
             num_inference_steps: steps of the full schedule (``int(steps x strength)`` of them run).
             guidance_scale: text guidance ``s_t``.
             image_guidance_scale: image guidance ``s_i``.
-            anchor: ``"off"`` (frames edited independently), ``"anchor"`` or ``"anchor_self"`` attention.
+            anchor: ``"off"`` (frames edited independently), ``"anchor"`` or ``"anchor_self"`` attention; with either
+                of the latter the ResNet blocks' GroupNorm statistics are shared over the frames as well.
             seed: seeds the CPU generator that draws all noise, so an edit is reproducible on any device.
 
         Returns:
@@ -166,7 +184,10 @@ class InstructPix2PixEditor(torch.nn.Module):
         # stochastic schedulers (DDPM, Euler ancestral, DDIM with eta) draw step noise; others take no generator
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
-        with anchor_attention(self.unet, anchor, num_groups=3) if anchor != "off" else nullcontext():
+        coupled = anchor != "off"
+        with anchor_attention(self.unet, anchor, 3) if coupled else nullcontext(), cross_frame_group_norm(
+            self.unet, 3
+        ) if coupled else nullcontext():
             for t in timesteps:
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * 3), t)
                 eps_text, eps_image, eps_uncond = self.unet(

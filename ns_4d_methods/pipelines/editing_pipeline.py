@@ -292,11 +292,15 @@ class EditingPipeline(DynamicPipeline):
                 old = datamanager.cached_train[index]["image"]
                 datamanager.cached_train[index]["image"] = image.to(old.device)
         else:
-            loader = datamanager.train_image_dataloader
-            if loader.cache_all_images:
-                loader.cached_collated_batch = loader._get_collated_batch()
-            else:
-                loader.first_time = True
+            # the dataloader yields its cached batch object at every step: replace the edited images in it, in place,
+            # instead of reloading the whole batch (50 images by default) after every edit unit
+            batch = datamanager.train_image_dataloader.cached_collated_batch
+            if batch is None:
+                return  # not loaded yet: the first batch reads the current images
+            images = batch["image"]
+            for row, index in enumerate(batch["image_idx"].tolist()):
+                if index in indices:
+                    images[row] = self.train_dataset[index]["image"].to(images[row].device, images[row].dtype)
 
     # ---- outputs -----------------------------------------------------------------------------------------------------
     def comparison_prompts(self) -> Tuple[str, str]:

@@ -14,8 +14,12 @@ loss. The units, in order:
    the current images, with the strength on a cosine from 1 to ``key_round_final_strength``.
 2. **a propagation pass**, one window per unit: per camera, flow-guided sliding windows in time
    (:mod:`ns_4d_methods.editing.flow_propagation`) carry the camera's edited first frame through its frames.
-3. **refresh passes**, every ``refresh_every`` steps: the same windows, with the model's current renders as the
-   images that the warped edits are composited onto, so the edits follow what the scene has become.
+3. **refresh passes**, every ``refresh_every`` steps: the same windows, repainted from the model's current renders
+   (anchored on the key frame's edit, with the first pass's seed per window), so the targets follow what the scene
+   has become without drawing new, independent edits. The official multi-camera script edits key views for 12 rounds
+   and then makes one pass; the monocular plugin keeps only its first pass. Refreshes every 2,000 steps are this
+   package's choice (``--pipeline.refresh-every 0`` turns them off, the official behaviour); their benefit has not
+   been measured with the real InstructPix2Pix (no GPU where this was written).
 
 Edits are PNGs in an :class:`~ns_4d_methods.data.edit_store.EditStore` under ``<run>/edits`` (the dataset is never
 written); the training images are read through :class:`~ns_4d_methods.data.edited_dataset.EditedFrameDataset`, and
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, List, Literal, Optional, Sequence, Type
 
 import numpy as np
@@ -51,7 +54,13 @@ from ns_4d_methods.editing.depth_projection import (
     project_key_views,
 )
 from ns_4d_methods.editing.flow_propagation import PropagatedWindow, propagate, window_ranges
-from ns_4d_methods.editing.optical_flow import FlowBackend, FlowEstimator, build_flow_estimator
+from ns_4d_methods.editing.optical_flow import (
+    MAX_FLOW_SIZE,
+    RAFT_WEIGHTS,
+    FlowBackend,
+    FlowEstimator,
+    build_flow_estimator,
+)
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.frame_editor import FrameEditor
 from ns_4d_methods.guidance.ip2p_editor import IP2P_MODEL_ID, AnchorAttentionMode, InstructPix2PixEditor
@@ -100,10 +109,17 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     """Frames per sliding window."""
     window_overlap: int = 1
     """Frames shared by consecutive windows."""
-    flow_backend: FlowBackend = "dis"
-    """Optical flow: "dis" (OpenCV, no weights) or "raft" (needs ``raft_checkpoint``)."""
-    raft_checkpoint: Optional[Path] = None
-    """Original RAFT checkpoint (``raft-things.pth`` or ``raft-small.pth``) for ``flow_backend raft``."""
+    flow_backend: FlowBackend = "raft"
+    """Optical flow: "raft" (the paper's and the official code's, with ``raft_weights``) or "dis" (OpenCV's dense
+    inverse search: no weights, cheaper on the CPU, less accurate on large motion)."""
+    raft_weights: str = RAFT_WEIGHTS
+    """RAFT weights: a torchvision weights enum name (default: torchvision's port of the original raft-things.pth,
+    read from the torch hub cache or downloaded into it), or a file: the original ``raft-things.pth`` /
+    ``raft-small.pth`` or a torchvision state dict. The official code runs RAFT with raft-things.pth, 20 iterations."""
+    max_flow_size: int = MAX_FLOW_SIZE
+    """Long side, in pixels, that RAFT computes flow at (larger frames are downscaled and the flow scaled back). RAFT's
+    all-pairs correlation holds (H W / 64)^2 floats: 1.8 GB at the official N3DV training size 1352x1014 (computed at
+    full size by default), 29 GB at N3DV's full 2704x2028."""
     num_key_views: int = 5
     """Cameras edited jointly per key-view round (multi-camera data)."""
     key_view_rounds: int = 12
@@ -112,15 +128,21 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     key_round_final_strength: float = 0.8
     """Edit strength of the last key-view round; strengths follow a cosine from 1.0 down to this."""
     key_view_threshold: float = KEY_VIEW_THRESHOLD
-    """Re-projection distance (scene units) under which a pixel is valid when projecting among key views."""
+    """Re-projection distance under which a pixel is valid when projecting among key views, in the official code's
+    LLFF units (its N3DV loader divides poses by 1.08 x the nearest depth bound); converted to scene units with the
+    dataset's ``llff_unit`` (n3dv-data), taken as scene units for data without it."""
     other_view_threshold: float = OTHER_VIEW_THRESHOLD
-    """Re-projection distance (scene units) under which a pixel is valid when projecting into other cameras."""
+    """Re-projection distance under which a pixel is valid when projecting into other cameras (LLFF units, as
+    ``key_view_threshold``)."""
     blend_ratio: float = 0.5
-    """Weight of the projected edit against the current image where a projection is valid."""
+    """Weight of the projected edit against the current image where a projection is valid (rounds before the last;
+    the last round repaints other cameras' whole images from the blend, as the official code)."""
     depth_kind: DepthKind = "ray"
     """What the model's "depth" output measures: "ray" (distance along the ray, NeRFs) or "z" (splatting)."""
-    max_edit_resolution: int = 512
-    """Long side, in pixels, that frames are edited at (at most); frames are resized to multiples of 8 and back."""
+    max_edit_resolution: int = 0
+    """Long side, in pixels, that frames are edited at (at most; 0: the training resolution, as the official code edits
+    N3DV at 1352x1014); frames are resized to multiples of 8 and back. A cap (e.g. 512) saves GPU memory and time at
+    the cost of ~2.6x upsampling blur on N3DV. Full-size memory was not measured here (no GPU on the test machine)."""
     edit_seed: int = 0
     """Seed of every edit's noise and of the key-camera choice: edits are reproducible."""
 
@@ -189,6 +211,9 @@ class Instruct4DPipeline(EditingPipeline):
         self.editor: Optional[FrameEditor] = None
         self.flow: Optional[FlowEstimator] = None
         self._windows: Optional[Iterator[PropagatedWindow]] = None  # the running propagation (one camera's windows)
+        # depth of each camera's first frame, rendered once (from the reconstruction, before it trains on edits) and
+        # reused by every key-view round, as the official code caches it; not checkpointed: a resume re-renders it
+        self._key_depths: dict[int, torch.Tensor] = {}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
     def setup_editing(self, trainer: Trainer) -> None:
@@ -204,8 +229,9 @@ class Instruct4DPipeline(EditingPipeline):
         self.editor = FrameEditor(ip2p, self.config.max_edit_resolution)
         self.flow = build_flow_estimator(
             self.config.flow_backend,
-            raft_checkpoint=self.config.raft_checkpoint,
-            field_name="--pipeline.raft-checkpoint",
+            raft_weights=self.config.raft_weights,
+            field_name="--pipeline.raft-weights",
+            max_size=self.config.max_flow_size,
             device=self.device,
         )
 
@@ -265,15 +291,20 @@ class Instruct4DPipeline(EditingPipeline):
                 window_size=self.config.window_size,
                 overlap=self.config.window_overlap,
                 start_window=position.window,
-                seed=seed_for(self.config.edit_seed, position.passes, group.camera_id),
+                # every pass draws the same noise per window: a refresh re-edits the renders toward the same target
+                seed=seed_for(self.config.edit_seed, group.camera_id),
+                from_current=position.phase == "refresh",
             )
         window: PropagatedWindow = next(self._windows)
         for index, image in zip(window.frames, window.images):
             self.put(index, image)
         total = len(self._windows_of(position.camera))
+        source = "from renders" if position.phase == "refresh" else (
+            f"flow valid on {float(window.valid_fraction.mean()):.0%} of pixels"
+        )
         CONSOLE.log(
             f"instruct4d {position.phase} pass {position.passes + 1}: {group.name} window {window.index + 1}/{total} "
-            f"{progress_bar((window.index + 1) / total)} (flow valid on {float(window.valid_fraction.mean()):.0%} of pixels)"
+            f"{progress_bar((window.index + 1) / total)} ({source})"
         )
         position.window += 1
         self._skip_cameras_without_windows(step)
@@ -318,7 +349,7 @@ class Instruct4DPipeline(EditingPipeline):
         seed = seed_for(config.edit_seed, 1 << 20, round_index)
         key_edits = self._edit(key_originals, key_inits, strength=strength, steps=config.full_edit_steps, seed=seed)
         if len(keys) > 1 or others:
-            key_depths = torch.stack([self.render(i)["depth"][..., 0] for i in keys])
+            key_depths = torch.stack([self._first_frame_depth(i) for i in keys])
         if len(keys) > 1:
             key_edits = self._agree_key_views(keys, key_edits, key_depths)
         for index, image in zip(keys, key_edits):
@@ -327,11 +358,12 @@ class Instruct4DPipeline(EditingPipeline):
         chunk_size = max(1, config.window_size - 1)  # targets per repaint batch, next to the anchor: one window
         chunks = [others[i : i + chunk_size] for i in range(0, len(others), chunk_size)]
         progress = track(chunks, description="instruct4d: projecting key views", console=CONSOLE, transient=True)
+        last_round = round_index == self.num_key_rounds - 1
         for chunk_number, chunk in enumerate(progress):
-            depths = torch.stack([self.render(i)["depth"][..., 0] for i in chunk])
+            depths = torch.stack([self._first_frame_depth(i) for i in chunk])
             projected, valid = project_key_views(
                 depths, *self._camera_matrices(chunk), key_edits, key_depths, *self._camera_matrices(keys),
-                threshold=config.other_view_threshold, depth_kind=config.depth_kind,
+                threshold=self.scene_threshold(config.other_view_threshold), depth_kind=config.depth_kind,
             )
             current = torch.stack([frames.current(i) for i in chunk])
             blended = blend_with_current(current, projected, valid, config.blend_ratio)
@@ -340,8 +372,10 @@ class Instruct4DPipeline(EditingPipeline):
                 conditions, torch.cat([key_edits[:1], blended]), strength=config.refine_strength,
                 steps=config.refine_steps, seed=seed + 1 + chunk_number,
             )[1:]
-            # projected pixels stay; only what no key view covers is repainted
-            for index, image in zip(chunk, torch.where(hole_mask(valid)[..., None], repainted, blended)):
+            # before the last round, projected pixels stay and only what no key view covers is repainted; the last
+            # round keeps the whole repaint, so no seam between projected and repainted pixels remains
+            kept = repainted if last_round else torch.where(hole_mask(valid)[..., None], repainted, blended)
+            for index, image in zip(chunk, kept):
                 self.put(index, image)
 
     def _agree_key_views(self, keys: List[int], edits: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
@@ -352,12 +386,23 @@ class Instruct4DPipeline(EditingPipeline):
             rest = [j for j in range(len(keys)) if j != k]
             projected, valid = project_key_views(
                 depths[k : k + 1], intrinsics[k : k + 1], poses[k : k + 1], edits[rest], depths[rest], intrinsics[rest],
-                poses[rest], threshold=self.config.key_view_threshold, depth_kind=self.config.depth_kind,
+                poses[rest], threshold=self.scene_threshold(self.config.key_view_threshold),
+                depth_kind=self.config.depth_kind,
             )
             agreed.append(blend_with_current(edits[k], projected[0], valid[0], self.config.blend_ratio))
         return torch.stack(agreed)
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
+    def _first_frame_depth(self, index: int) -> torch.Tensor:
+        """Depth [H, W] of training image ``index`` (a camera's first frame), rendered once."""
+        if index not in self._key_depths:
+            self._key_depths[index] = self.render(index)["depth"][..., 0]
+        return self._key_depths[index]
+
+    def scene_threshold(self, llff_threshold: float) -> float:
+        """A re-projection threshold in the official LLFF units, in this dataset's scene units."""
+        return llff_threshold * float(self.datamanager.train_dataset.metadata.get("llff_unit", 1.0))
+
     def _camera_matrices(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pinhole intrinsics [N, 3, 3] and OpenGL camera-to-world [N, 4, 4] of training images."""
         cameras, rows = self.datamanager.train_dataset.cameras, torch.tensor(list(indices))

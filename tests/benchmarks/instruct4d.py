@@ -112,7 +112,7 @@ def flow_rows(size: int, pairs: int) -> list[dict]:
     backends = [("dis", None)] + ([("raft", RAFT_SMALL)] if RAFT_SMALL.is_file() else [])
     rows = []
     for backend, checkpoint in backends:
-        flow = build_flow_estimator(backend, raft_checkpoint=checkpoint)
+        flow = build_flow_estimator(backend, raft_weights=checkpoint)
         flow.estimate_flow(frames[0], frames[1])  # warm-up
         started = time.perf_counter()
         for previous, current in zip(frames, frames[1:]):

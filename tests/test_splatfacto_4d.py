@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -19,6 +21,7 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.optimizers import Optimizers
 
 from method_configs.splatfacto_4d import COMPACT_STEPS, FULL_STEPS, splatfacto_4d, splatfacto_4d_config
+from ns_4d_methods.errors import InputError
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
 from ns_4d_methods.models.image_metrics import LazyLPIPS
 from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice, compute_relocation_torch
@@ -248,6 +251,30 @@ def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
     for name, group in compact.optimizers.items():  # learning rates keep their full-length schedules
         scheduler = group["scheduler"]
         assert scheduler is None or scheduler.max_steps == 30000, name
+
+
+def _model_with(rasterizer: str, backend) -> Splatfacto4DModel:
+    """A tiny model built with ``rasterizer`` while gsplat's kernel module is ``backend``."""
+    config = Splatfacto4DModelConfig(num_random=50, deformation_num_layers=2, deformation_layer_width=16,
+                                     rasterizer=rasterizer, background_color="black")
+    with mock.patch.dict(sys.modules, {"gsplat.cuda._backend": backend}):
+        return config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+
+
+def test_gsplat_without_compiled_kernels_is_a_one_line_error_before_training():
+    # the registry's gsplat with neither a prebuilt gsplat.csrc nor nvcc: its backend module leaves _C None
+    no_kernels = types.SimpleNamespace(_C=None)
+    with pytest.raises(InputError) as error:
+        _model_with("gsplat", no_kernels)
+    message = error.value.code
+    assert isinstance(message, str) and message.startswith("error: gsplat") and "\n" not in message  # exit status 1
+    assert "docs.gsplat.studio/whl/pt" in message and "nvcc" in message and "--pipeline.model.rasterizer torch" in message
+    # the way out the message names: the PyTorch rasterizer never consults gsplat's kernels, and renders
+    model = _model_with("torch", no_kernels)
+    model.eval()
+    assert model.get_outputs_for_camera(_camera(time=0.2))["rgb"].shape == (48, 48, 3)
+    # kernels present (prebuilt or compiled): no error
+    assert _model_with("gsplat", types.SimpleNamespace(_C=object())).config.rasterizer == "gsplat"
 
 
 def test_gsplat_call_uses_gsplat_signature(model):

@@ -26,6 +26,7 @@ from torch.nn import Parameter
 from ns_4d_methods.fields.deformation_field import DeformationField
 from ns_4d_methods.models.compositing_compiled import load_kernels
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
+from ns_4d_methods.models.gsplat_backend import require_gsplat_backend
 from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
 from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice
 
@@ -36,7 +37,9 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
 
     _target: Type = field(default_factory=lambda: Splatfacto4DModel)
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
-    """Rasterizer: "gsplat" (CUDA only), "torch" (pure PyTorch, any device) or "auto" (gsplat on CUDA, else torch)."""
+    """Rasterizer: "gsplat" (CUDA only), "torch" (pure PyTorch, any device) or "auto" (gsplat on CUDA, else torch).
+    gsplat's CUDA kernels are checked for when the model is built (one-line error if gsplat has none and no toolkit
+    to compile them); "torch" runs on CUDA too, meanwhile."""
     deformation_num_layers: int = 8
     """Hidden layers of the deformation MLP."""
     deformation_layer_width: int = 256
@@ -137,8 +140,11 @@ class Splatfacto4DModel(SplatfactoModel):
             position_frequencies=self.config.position_frequencies,
             time_frequencies=self.config.time_frequencies,
         )
-        if not self._uses_gsplat(on_cuda=torch.cuda.is_available()):
-            load_kernels()  # the CPU rasterizer's compiled compositing, loaded now rather than in the first step
+        # the rasterizer's kernels are loaded (or found missing) now rather than in the first step
+        if self._uses_gsplat(on_cuda=torch.cuda.is_available()):
+            require_gsplat_backend()
+        else:
+            load_kernels()  # the CPU rasterizer's compiled compositing
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_param_groups()

@@ -154,12 +154,13 @@ def _test_psnr(pipeline, indices=(0, 7, 14)) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DNERF_SCENE.is_dir(), reason=f"needs {DNERF_SCENE}")
-def test_training_on_dnerf_raises_test_psnr(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_training_on_dnerf_raises_test_psnr(tmp_path, device):
     config = copy.deepcopy(nerfacto_4d.config)
     config.output_dir = tmp_path
     config.vis = "tensorboard"
     config.viewer.quit_on_train_completion = True
-    config.machine.device_type = "cpu"
+    config.machine.device_type = device
     config.max_num_iterations = 60
     config.steps_per_save = 1000
     config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 1000
@@ -177,6 +178,8 @@ def test_training_on_dnerf_raises_test_psnr(tmp_path):
     model.num_proposal_samples_per_ray = (64, 32)
     model.num_nerf_samples_per_ray = 24
     model.eval_num_rays_per_chunk = 4096
+    # tiny-cuda-nn's grids run on CUDA only (used there when installed; the PyTorch grids otherwise)
+    model.implementation = "tcnn" if device == "cuda" else "torch"
     config.set_timestamp()
 
     trainer = config.setup(local_rank=0, world_size=1)

@@ -20,7 +20,13 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.optimizers import Optimizers
 
-from method_configs.splatfacto_4d import COMPACT_STEPS, FULL_STEPS, splatfacto_4d, splatfacto_4d_config
+from method_configs.splatfacto_4d import (
+    COMPACT_STEPS,
+    FULL_STEPS,
+    compress_schedule,
+    splatfacto_4d,
+    splatfacto_4d_config,
+)
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
 from ns_4d_methods.models.image_metrics import LazyLPIPS
@@ -146,18 +152,32 @@ def test_relocation_matches_equation_9():
         assert torch.allclose(new_scales[i], scales[i] * expected_scale, rtol=1e-5)
     # a Gaussian rendered once is unchanged
     assert new_opacities[0, 0] == pytest.approx(0.9) and torch.allclose(new_scales[0], scales[0])
-    if torch.cuda.is_available():
-        from gsplat.relocation import compute_relocation
-
-        cuda = compute_relocation(opacities.cuda(), scales.cuda(), ratios.cuda(), binoms.cuda())
-        assert torch.allclose(cuda[0].cpu(), new_opacities[:, 0], rtol=1e-4)
-        assert torch.allclose(cuda[1].cpu(), new_scales, rtol=1e-3)
 
 
-def test_mcmc_relocates_dead_gaussians_and_holds_the_cap_on_the_cpu(model):
+@pytest.mark.cuda
+def test_gsplat_relocation_kernel_matches_the_torch_one_with_splatfactos_opacities():
+    from gsplat.relocation import compute_relocation
+
+    binoms = MCMCStrategyAnyDevice().initialize_state()["binoms"]
+    # gsplat's relocate passes sigmoid(params["opacities"])[idx]: [N, 1] with splatfacto's parameters
+    opacities = torch.tensor([0.9, 0.5, 0.05, 0.99, 0.3, 0.7])[:, None]
+    ratios = torch.tensor([1, 2, 3, 7, 20, 60])
+    scales = torch.rand(6, 3) + 0.1
+    expected = compute_relocation_torch(opacities, scales, ratios, binoms)
+    cuda = compute_relocation(opacities.cuda(), scales.cuda(), ratios.clone().cuda(), binoms.cuda())
+    assert cuda[0].numel() == 6
+    assert torch.allclose(cuda[0].cpu().reshape(6), expected[0][:, 0], rtol=1e-4)
+    assert torch.allclose(cuda[1].cpu(), expected[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mcmc_relocates_dead_gaussians_and_holds_the_cap(model, device):
+    # on CUDA: gsplat's rasterizer and its relocation and noise kernels, with the opacities splatfacto holds
     model.config.strategy, model.config.max_gs_num = "mcmc", 330
     model.config.warmup_length, model.config.refine_every, model.config.stop_split_at = 0, 2, 100
+    model.config.rasterizer = "gsplat" if device == "cuda" else "torch"
     model.populate_modules()
+    model.to(device)
     assert isinstance(model.strategy, MCMCStrategyAnyDevice) and not model.strategy.absgrad
     with torch.no_grad():
         model.opacities[:20] = -10.0  # dead: opacity 4.5e-5
@@ -165,15 +185,15 @@ def test_mcmc_relocates_dead_gaussians_and_holds_the_cap_on_the_cpu(model):
     means_before = model.means.detach().clone()
     counts = []
     for step in range(7):
-        _train_step(model, optimizers, _camera(time=step / 6), step)
+        _train_step(model, optimizers, _camera(time=step / 6).to(device), step)
         counts.append(model.num_points)
     # refinements at steps 2, 4, 6: +5 % each (300 -> 315 -> 330), then the cap
     assert counts == [300, 300, 315, 315, 330, 330, 330], counts
     assert (torch.sigmoid(model.opacities[:300]) > 0.005).all()  # the dead ones were moved onto live ones
     assert not torch.allclose(model.means[:300], means_before, atol=1e-3)
-    losses = model.get_loss_dict(model(_camera(time=0.5)), {"image": torch.zeros(48, 48, 3)})
+    losses = model.get_loss_dict(model(_camera(time=0.5).to(device)), {"image": torch.zeros(48, 48, 3)})
     assert losses["mcmc_opacity_reg"] > 0 and losses["mcmc_scale_reg"] > 0
-    _train_step(model, optimizers, _camera(time=0.5), step=7)  # optimizer state follows the new Gaussians
+    _train_step(model, optimizers, _camera(time=0.5).to(device), step=7)  # optimizer state follows the new Gaussians
 
 
 def test_auto_strategy_is_mcmc_only_from_seed_points():
@@ -295,22 +315,25 @@ def test_gsplat_call_uses_gsplat_signature(model):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DNERF_SCENE.is_dir(), reason=f"needs {DNERF_SCENE}")
-def test_training_on_dnerf_raises_test_psnr(tmp_path):
+@pytest.mark.parametrize("preset, device", [("compact", "cpu"), pytest.param("full", "cuda", marks=pytest.mark.cuda)])
+def test_training_on_dnerf_raises_test_psnr(tmp_path, preset, device):
+    # each preset on the device it is the default of (CUDA: gsplat, the full network and schedule fitted to 60 steps)
     torch.manual_seed(0)
-    config = copy.deepcopy(splatfacto_4d.config)
+    config = splatfacto_4d_config(preset)
+    compress_schedule(config, 60)
     config.output_dir = tmp_path
-    config.max_num_iterations = 60
     config.vis = "tensorboard"
     config.viewer.quit_on_train_completion = True
-    config.machine.device_type = "cpu"
+    config.machine.device_type = device
     config.pipeline.datamanager.dataparser.data = DNERF_SCENE
     config.pipeline.datamanager.camera_res_scale_factor = 0.25  # 400 px -> 100 px
     model = config.pipeline.model
     model.num_random = 3000
     model.num_downscales = 0
-    model.deformation_num_layers = 4
-    model.deformation_layer_width = 64
-    model.deformation_warmup = 20
+    if device == "cpu":
+        model.deformation_num_layers = 4
+        model.deformation_layer_width = 64
+        model.deformation_warmup = 20
     config.set_timestamp()
 
     trainer = config.setup(local_rank=0, world_size=1)

@@ -31,7 +31,7 @@ from ns_4d_methods.errors import InputError
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
 from ns_4d_methods.models.image_metrics import LazyLPIPS
 from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice, compute_relocation_torch
-from ns_4d_methods.models.splatfacto_4d import Splatfacto4DModel, Splatfacto4DModelConfig
+from ns_4d_methods.models.splatfacto_4d import Splatfacto4DModel, Splatfacto4DModelConfig, camera_extent
 
 DNERF_SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dnerf_jumpingjacks_400"
 
@@ -110,6 +110,43 @@ def test_warmup_keeps_gaussians_static(model):
     _train_step(model, optimizers, _camera(time=0.5), step=0)
     assert torch.equal(model.deformation_field.head.weight, torch.zeros_like(model.deformation_field.head.weight))
     assert torch.equal(model.deform(0.0)[0], model.deform(1.0)[0])
+
+
+def test_deformable_3dgs_network_time_network_default_init_and_scale_offsets_after_exp():
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    config = Splatfacto4DModelConfig(num_random=50, deformation_num_layers=3, deformation_layer_width=32,
+                                     rasterizer="torch", deformation_warmup=0, time_network_width=256,
+                                     deformation_zero_init=False, scale_offset="linear")
+    torch.manual_seed(0)
+    model = config.setup(scene_box=box, num_train_data=1)
+    field = model.deformation_field
+    # time encoding 1 + 2 x 6 = 13 -> 256 -> 30, concatenated with the position encoding 3 + 2 x 3 x 10 = 63
+    assert [tuple(m.weight.shape) for m in field.time_network if hasattr(m, "weight")] == [(256, 13), (30, 256)]
+    assert field.mlp.in_dim == 63 + 30
+    assert field.head.weight.abs().sum() > 0  # PyTorch's default initialisation: deformed from the start
+    with torch.no_grad():
+        d_scales = field(model.means, torch.full((50, 1), 0.4))[2]
+        expected = torch.abs(torch.exp(model.scales) + d_scales)  # Deformable-3DGS: get_scaling + d_scaling
+        torch.testing.assert_close(torch.exp(model.deform(0.4)[2]), expected, rtol=1e-5, atol=1e-7)
+        model.config.scale_offset = "log"
+        torch.testing.assert_close(model.deform(0.4)[2], model.scales + d_scales)
+
+
+def test_densification_sizes_follow_the_camera_extent():
+    # D-NeRF-like cameras 4 units from the origin: 3DGS' extent is 1.1 x 4
+    angles = torch.linspace(0, 2 * math.pi, 9)[:-1]
+    centres = torch.stack([4 * torch.cos(angles), 4 * torch.sin(angles), torch.zeros(8)], dim=-1)
+    camera_to_worlds = torch.cat([torch.eye(3).expand(8, 3, 3), centres[..., None]], dim=-1)
+    assert camera_extent(camera_to_worlds) == pytest.approx(4.4)
+    attributes = mock.MagicMock()
+    attributes.pipeline.datamanager.train_dataset.cameras.camera_to_worlds = camera_to_worlds
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    for by_extent, scale in ((True, 4.4), (False, 1.0)):
+        config = Splatfacto4DModelConfig(num_random=50, deformation_num_layers=2, deformation_layer_width=16,
+                                         rasterizer="torch", densify_by_camera_extent=by_extent)
+        model = config.setup(scene_box=box, num_train_data=1)
+        model.get_training_callbacks(attributes)
+        assert model.strategy_state["scene_scale"] == pytest.approx(scale)
 
 
 def test_densification_and_pruning_run_on_the_torch_rasterizer_info(model):
@@ -253,24 +290,32 @@ def test_seed_points_with_colours_on_the_cpu():
 def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
     full, compact = splatfacto_4d_config("full"), splatfacto_4d_config("compact")
     assert splatfacto_4d.config.max_num_iterations == (FULL_STEPS if torch.cuda.is_available() else COMPACT_STEPS)
-    # full: splatfacto's and Deformable-3DGS' values, as before the presets existed
+    # full: Deformable-3DGS' values (splatfacto's phases)
     model = full.pipeline.model
-    assert full.max_num_iterations == 30000 and model.strategy == "default" and model.num_random == 50000
+    assert full.max_num_iterations == 40000 and model.strategy == "default" and model.num_random == 50000
     assert (model.deformation_warmup, model.warmup_length, model.refine_every, model.stop_split_at) == (3000, 500, 100, 15000)
     assert (model.num_downscales, model.resolution_schedule, model.sh_degree_interval) == (2, 3000, 1000)
-    assert (model.deformation_num_layers, model.deformation_layer_width, model.cull_alpha_thresh) == (8, 256, 0.1)
+    assert (model.deformation_num_layers, model.deformation_layer_width) == (8, 256)
+    assert (model.cull_alpha_thresh, model.cull_scale_thresh, model.densify_size_thresh) == (0.005, 0.1, 0.01)
+    assert model.densify_by_camera_extent and model.scale_offset == "linear" and not model.deformation_zero_init
+    assert (model.time_network_width, model.time_network_outputs) == (256, 30)
     assert model.deformation_warmup_with_points
-    # compact: the same phases at a tenth, bounded Gaussians
+    rates = {name: (group["optimizer"].lr, group["scheduler"]) for name, group in full.optimizers.items()}
+    assert rates["means"][0] == pytest.approx(8e-4) and rates["means"][1].lr_final == pytest.approx(8e-6)
+    assert rates["scales"][0] == pytest.approx(0.025) and rates["deformation"][0] == pytest.approx(8e-4)
+    # compact: the same phases at 3,000 / 40,000, bounded Gaussians, splatfacto's rates for the means and scales
     model = compact.pipeline.model
     assert compact.max_num_iterations == 3000 and model.strategy == "auto" and model.max_gs_num == 10000
     assert model.num_random == 10000  # a random start begins with the cap's worth of Gaussians
-    assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (50, 1500, 100, 25)
-    assert model.deformation_warmup == 300 and model.num_downscales == 0 and model.refine_pause_ratio == 0.1
+    assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (38, 1125, 75, 25)
+    assert model.deformation_warmup == 225 and model.num_downscales == 0 and model.refine_pause_ratio == 0.075
     assert (model.deformation_num_layers, model.deformation_layer_width) == (6, 112)
-    assert not model.deformation_warmup_with_points
+    assert not model.deformation_warmup_with_points and model.deformation_zero_init
+    assert model.densify_by_camera_extent and model.time_network_width == 256
+    assert compact.optimizers["means"]["optimizer"].lr == 1.6e-4 and compact.optimizers["scales"]["optimizer"].lr == 0.005
     for name, group in compact.optimizers.items():  # learning rates keep their full-length schedules
         scheduler = group["scheduler"]
-        assert scheduler is None or scheduler.max_steps == 30000, name
+        assert scheduler is None or scheduler.max_steps == 40000, name
 
 
 def _model_with(rasterizer: str, backend) -> Splatfacto4DModel:

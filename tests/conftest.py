@@ -8,7 +8,7 @@ import pytest
 import torch
 
 NO_CUDA = pytest.mark.skip(
-    reason="needs a CUDA GPU (torch.cuda.is_available() is False); a GPU machine runs them with python -m pytest -m cuda"
+    reason="needs a CUDA GPU (torch.cuda.is_available() is False); on one: python -m pytest -m cuda"
 )
 
 

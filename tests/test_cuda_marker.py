@@ -103,7 +103,8 @@ def test_the_check_finds_unmarked_cuda_tests():
         """
     )
     found = unmarked_cuda_tests(source)
-    assert sorted(entry.split(" ")[1] for entry in found) == ["<module>", "test_a", "test_b", "test_c", "test_d", "test_e"]
+    names = sorted(entry.split(" ")[1] for entry in found)
+    assert names == ["<module>", "test_a", "test_b", "test_c", "test_d", "test_e"]
     assert unmarked_cuda_tests("import pytest\npytestmark = [pytest.mark.cuda]\ndef test_a(): x.cuda()\n") == []
 
 

@@ -307,12 +307,14 @@ def test_presets_keep_the_full_schedule_and_compact_it_without_cuda():
     model = compact.pipeline.model
     assert compact.max_num_iterations == 3000 and model.strategy == "auto" and model.max_gs_num == 10000
     assert model.num_random == 10000  # a random start begins with the cap's worth of Gaussians
-    assert (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every) == (38, 1125, 75, 25)
+    phases = (model.warmup_length, model.stop_split_at, model.sh_degree_interval, model.refine_every)
+    assert phases == (38, 1125, 75, 25)
     assert model.deformation_warmup == 225 and model.num_downscales == 0 and model.refine_pause_ratio == 0.075
     assert (model.deformation_num_layers, model.deformation_layer_width) == (6, 112)
     assert not model.deformation_warmup_with_points and model.deformation_zero_init
     assert model.densify_by_camera_extent and model.time_network_width == 256
-    assert compact.optimizers["means"]["optimizer"].lr == 1.6e-4 and compact.optimizers["scales"]["optimizer"].lr == 0.005
+    assert compact.optimizers["means"]["optimizer"].lr == 1.6e-4
+    assert compact.optimizers["scales"]["optimizer"].lr == 0.005
     for name, group in compact.optimizers.items():  # learning rates keep their full-length schedules
         scheduler = group["scheduler"]
         assert scheduler is None or scheduler.max_steps == 40000, name
@@ -333,7 +335,8 @@ def test_gsplat_without_compiled_kernels_is_a_one_line_error_before_training():
         _model_with("gsplat", no_kernels)
     message = error.value.code
     assert isinstance(message, str) and message.startswith("error: gsplat") and "\n" not in message  # exit status 1
-    assert "docs.gsplat.studio/whl/pt" in message and "nvcc" in message and "--pipeline.model.rasterizer torch" in message
+    assert "docs.gsplat.studio/whl/pt" in message and "nvcc" in message
+    assert "--pipeline.model.rasterizer torch" in message
     # the way out the message names: the PyTorch rasterizer never consults gsplat's kernels, and renders
     model = _model_with("torch", no_kernels)
     model.eval()

@@ -128,8 +128,8 @@ class Nerfacto4DField(SpaceTimeFieldMixin, NerfactoField):
     """Nerfacto's field whose density and geometry features come from the summed 3D and 4D hash grids.
 
     Takes NerfactoField's arguments (the 3D grid's sizes, the MLPs, embeddings, normals) plus the 4D grid's table
-    size, finest resolution and cells along time (:class:`SpaceTimeHashEncoding`); the 4D grid shares the 3D grid's levels, base resolution and features per level so
-    that the two can be summed.
+    size, finest resolution and cells along time (:class:`SpaceTimeHashEncoding`); the 4D grid shares the 3D
+    grid's levels, base resolution and features per level so that the two can be summed.
     """
 
     def __init__(

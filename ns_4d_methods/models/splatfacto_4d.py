@@ -174,7 +174,9 @@ class Splatfacto4DModel(SplatfactoModel):
         else:
             load_kernels()  # the CPU rasterizer's compiled compositing
 
-    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
         """splatfacto's callbacks; first, the densification's scene scale from the training cameras."""
         if self.config.densify_by_camera_extent and not self.uses_mcmc:
             cameras = training_callback_attributes.pipeline.datamanager.train_dataset.cameras

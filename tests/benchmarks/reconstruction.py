@@ -15,9 +15,9 @@ preset (``method_configs.splatfacto_4d.compress_schedule``); ``--splatfacto-stra
 with other densification strategies, same schedule. splatfacto-4d's jumpingjacks has no points, so its Gaussians
 start random (``--num-random``, default the preset's). A single 800-step splatfacto-4d run moves by about 0.5 dB with
 the seed (and with the thread count, which changes float summation order): ``--seeds N`` reports, for every method,
-the mean and range over seeds 0..N-1. ``--scene`` takes any folder in D-NeRF's layout (transforms_{train,val,test}.json
-with times). The NeRFs run their own schedules unchanged. On CUDA the table adds peak GPU memory. nerfstudio's nerfacto and dnerf build torchmetrics' LPIPS, which downloads
-AlexNet weights; they get the package's offline one.
+the mean and range over seeds 0..N-1. ``--scene`` takes any folder in D-NeRF's layout (transforms_*.json with
+times). The NeRFs run their own schedules unchanged. On CUDA the table adds peak GPU memory. nerfstudio's nerfacto
+and dnerf build torchmetrics' LPIPS, which downloads AlexNet weights; they get the package's offline one.
 
 Published full-resolution (800 px, full training) anchors on this scene: D-NeRF 32.80 dB, K-Planes 32.64,
 4DGS 35.42, Deformable-3DGS 37.72.
@@ -208,14 +208,14 @@ def main() -> None:
     res = int(400 * args.scale)
     grids = ", 12-level 2^15 hash grids" if args.small_grids else ""
     print(
-        f"\n{args.scene.name} at scale {args.scale} ({res} px on a 400 px scene), {args.steps} iterations of {args.rays} rays (NeRFs){grids}, "
-        f"device {args.device}"
+        f"\n{args.scene.name} at scale {args.scale} ({res} px on a 400 px scene), {args.steps} iterations of "
+        f"{args.rays} rays (NeRFs){grids}, device {args.device}"
     )
     strategy = f"strategy {model.strategy}" + (f" capped at {model.max_gs_num}" if model.strategy == "mcmc" else "")
     print(
-        f"splatfacto-4d: preset {args.preset}, {strategy}, schedule fitted to {args.steps} steps (deformation warm-up {model.deformation_warmup}, "
-        f"densification {model.warmup_length}-{model.stop_split_at} every {model.refine_every}, SH every "
-        f"{model.sh_degree_interval}), {model.num_random} random initial Gaussians, deformation MLP "
+        f"splatfacto-4d: preset {args.preset}, {strategy}, schedule fitted to {args.steps} steps (deformation "
+        f"warm-up {model.deformation_warmup}, densification {model.warmup_length}-{model.stop_split_at} every "
+        f"{model.refine_every}, SH every {model.sh_degree_interval}), {model.num_random} random initial Gaussians, deformation MLP "
         f"{model.deformation_num_layers}x{model.deformation_layer_width}"
     )
     if budget is not None:

@@ -39,7 +39,7 @@ class SpaceTimeHashEncoding(Encoding):
     has its own finest resolution and table size. Both are :class:`HashEncodingND`, whose PyTorch path is also the
     faster one for three dimensions on the CPU. The 4D grid's levels have one resolution on all axes: time is
     scaled by ``time_resolution / max_res_4d`` first, so that its finest level has ``time_resolution`` cells along
-    time (0: ``max_res_4d``, as along space).
+    time (0: ``max_res_4d``, as along space; at most ``max_res_4d``).
     """
 
     def __init__(
@@ -55,7 +55,8 @@ class SpaceTimeHashEncoding(Encoding):
         time_resolution: int = 0,
     ) -> None:
         super().__init__(in_dim=4)
-        self.time_resolution = time_resolution if time_resolution > 0 else max_res_4d
+        # at most max_res_4d, so that scaled times stay in [0, 1] (tiny-cuda-nn's grids take nothing else)
+        self.time_resolution = min(time_resolution, max_res_4d) if time_resolution > 0 else max_res_4d
         self.time_scale = self.time_resolution / max_res_4d
         self.grid_3d = HashEncodingND(
             3, num_levels, base_res, max_res, log2_hashmap_size, features_per_level, implementation=implementation

@@ -1,4 +1,5 @@
-"""nerfacto-4d: time reaches the fields, cameras without times are placed in time, and training on D-NeRF helps."""
+"""nerfacto-4d: time reaches the fields, cameras without times are placed in time, K-Planes' time resolution and
+time-smoothness loss are in place, and training on D-NeRF helps (on CUDA too, under the cuda marker)."""
 
 from __future__ import annotations
 

@@ -3,11 +3,13 @@
 Its defaults follow the device, with two presets (``splatfacto_4d_config``); the one in force is what
 ``ns-train splatfacto-4d --help`` shows, and every value in it is a flag of its own:
 
-- ``full``, on a machine with CUDA: splatfacto's and Deformable-3DGS' schedule, unchanged: 30,000 steps, 50,000
-  random Gaussians (or the dataset's points), densification by gsplat's DefaultStrategy (no cap), the deformation
-  after a 3,000-step static warm-up, images from 1/4 resolution.
+- ``full``, on a machine with CUDA: Deformable-3DGS' schedule, unchanged: 40,000 steps, 50,000 random Gaussians
+  (or the dataset's points), densification by gsplat's DefaultStrategy (no cap) with 3DGS' thresholds at the
+  cameras' extent, the deformation (with its time network) after a 3,000-step static warm-up, the means' and
+  scales' rates times ``SPATIAL_LR_SCALE``, images from 1/4 resolution.
 - ``compact``, without CUDA (a laptop CPU): the same schedule fitted to 3,000 steps by :func:`compress_schedule`,
-  except: images at full size (no resolution steps in the step time); 3DGS-MCMC densification capped at 10,000
+  except: images at full size (no resolution steps in the step time); splatfacto's rates for the means and scales
+  and a zero-initialised deformation output (see the function); 3DGS-MCMC densification capped at 10,000
   Gaussians when the dataset has points, so the step time stops growing at the cap, and splatfacto's uncapped one
   from 10,000 random Gaussians (the cap's worth) when it has none (strategy "auto": MCMC collapses from a random
   start, see the field's docstring; D-NeRF jumpingjacks at 100 px, 800 steps, one core per run: 5,000 random
@@ -41,8 +43,12 @@ from ns_4d_methods.models.splatfacto_4d import Splatfacto4DModelConfig
 from ns_4d_methods.pipelines.dynamic_pipeline import DynamicPipelineConfig
 from ns_4d_methods.trainer import Trainer4DConfig
 
-FULL_STEPS = 30000
-"""Length of the full schedule (splatfacto's; Deformable-3DGS trains 40k steps with the same phases)."""
+FULL_STEPS = 40000
+"""Length of the full schedule and of the learning-rate decays (Deformable-3DGS: 40k, with splatfacto's phases:
+densification 500-15k every 100, opacity reset every 3k; splatfacto: 30k)."""
+SPATIAL_LR_SCALE = 5.0
+"""Deformable-3DGS' ``spatial_lr_scale`` on D-NeRF coordinates (nerfstudio's D-NeRF parser does not rescale the scene):
+the rates of the means, the scales and the deformation are its base rates times 5 (full preset)."""
 COMPACT_STEPS = 3000
 """Length of the compact schedule."""
 MIN_REFINE_EVERY = 25
@@ -91,19 +97,32 @@ def splatfacto_4d_config(preset: Literal["full", "compact"]) -> Trainer4DConfig:
             # D-NeRF composites its images on white; without points the Gaussians start random in the scene box
             # [-1.5, 1.5]^3 (nerfstudio's normalised scale). For real captures use
             # --pipeline.model.background-color random.
-            model=Splatfacto4DModelConfig(background_color="white", random_scale=3.0),
+            # Deformable-3DGS' network and densification on synthetic scenes (the model fields' docstrings): the time
+            # network, default-initialised output, scale offsets after the exponential, 3DGS' pruning opacity
+            # (splatfacto's 0.1; the opacity reset then sets 0.01, as 3DGS) and world sizes of the camera extent
+            model=Splatfacto4DModelConfig(
+                background_color="white",
+                random_scale=3.0,
+                time_network_width=256,
+                deformation_zero_init=False,
+                scale_offset="linear",
+                densify_by_camera_extent=True,
+                cull_alpha_thresh=0.005,
+                cull_scale_thresh=0.1,
+            ),
         ),
-        # splatfacto's learning rates; the deformation MLP's is Deformable-3DGS' (8e-4 decaying to 1.6e-6). Their
-        # schedules span the full schedule in both presets (see compress_schedule).
+        # Deformable-3DGS' learning rates: 3DGS' (splatfacto's) with the means' and scales' times SPATIAL_LR_SCALE; the
+        # deformation MLP's 8e-4 decaying to 1.6e-6. Their schedules span the full schedule in both presets (see
+        # compress_schedule).
         optimizers={
             "means": {
-                "optimizer": AdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
-                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=FULL_STEPS),
+                "optimizer": AdamOptimizerConfig(lr=1.6e-4 * SPATIAL_LR_SCALE, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6 * SPATIAL_LR_SCALE, max_steps=FULL_STEPS),
             },
             "features_dc": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
             "features_rest": {"optimizer": AdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
             "opacities": {"optimizer": AdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
-            "scales": {"optimizer": AdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
+            "scales": {"optimizer": AdamOptimizerConfig(lr=0.005 * SPATIAL_LR_SCALE, eps=1e-15), "scheduler": None},
             "quats": {"optimizer": AdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
             "deformation": {
                 "optimizer": AdamOptimizerConfig(lr=8e-4, eps=1e-15),
@@ -135,6 +154,14 @@ def splatfacto_4d_config(preset: Literal["full", "compact"]) -> Trainer4DConfig:
         model.deformation_num_layers = 6
         model.deformation_layer_width = 112
         model.deformation_warmup_with_points = False
+        # without a warm-up from points, a default-initialised output layer would move them from step 0
+        model.deformation_zero_init = True
+        # splatfacto's rates for the means and scales: x5 was not better on this preset (D-NeRF jumpingjacks, 100 px,
+        # 3,000 steps, one seed each: 31.20 dB, means x5 30.86, means and scales x5 30.63)
+        optimizers = config.optimizers
+        optimizers["means"]["optimizer"].lr = 1.6e-4
+        optimizers["means"]["scheduler"].lr_final = 1.6e-6
+        optimizers["scales"]["optimizer"].lr = 0.005
     return config
 
 

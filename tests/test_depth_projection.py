@@ -23,7 +23,7 @@ from ns_4d_methods.editing.depth_projection import (
 
 WIDTH, HEIGHT, FOCAL = 96, 72, 90.0
 CENTRE, RADIUS, GROUND_HALF = torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64), 0.5, 2.0
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def look_at(eye) -> torch.Tensor:

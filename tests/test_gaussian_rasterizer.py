@@ -298,16 +298,21 @@ def test_compiled_compositing_with_nothing_in_view_and_from_two_threads():
         assert all(torch.equal(a, b) for a, b in zip(result, expected))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's rasterizer needs CUDA")
-def test_matches_gsplat_cuda_rasterization():
+@pytest.mark.cuda
+def test_matches_gsplat_cuda_rasterization_forward_and_backward():
     from gsplat import rasterization
 
     device = "cuda"
-    means, quats, scales, opacities, sh = _random_gaussians(2000, seed=3, device=device)
     viewmats, Ks = (t.to(device) for t in _camera())
     kwargs = dict(sh_degree=1, backgrounds=torch.full((1, 3), 0.3, device=device), packed=False)
-    rgb_t, alpha_t, _ = rasterization_torch(means, quats, scales, opacities, sh, viewmats, Ks, W, H, **kwargs)
-    rgb_g, alpha_g, _ = rasterization(means, quats, scales, opacities, sh, viewmats, Ks, W, H, **kwargs)
+    results = {}
+    for name, rasterize in (("torch", rasterization_torch), ("gsplat", rasterization)):
+        params = [p.requires_grad_(True) for p in _random_gaussians(2000, seed=3, device=device)]
+        rgb, alpha, _ = rasterize(*params, viewmats, Ks, W, H, **kwargs)
+        target = torch.rand(rgb.shape, generator=torch.Generator().manual_seed(5)).to(device)
+        ((rgb - target) ** 2).sum().add(alpha.sum()).backward()
+        results[name] = (rgb.detach(), alpha.detach(), [p.grad for p in params])
+    (rgb_t, alpha_t, grads_t), (rgb_g, alpha_g, grads_g) = results["torch"], results["gsplat"]
     d_rgb, d_alpha = (rgb_t - rgb_g).abs(), (alpha_t - alpha_g).abs()
     print(
         f"torch vs gsplat: colours max {d_rgb.max():.2e} mean {d_rgb.mean():.2e}; "
@@ -315,3 +320,9 @@ def test_matches_gsplat_cuda_rasterization():
     )
     assert d_rgb.mean() < 1e-3 and d_alpha.mean() < 1e-3
     assert d_rgb.max() < 5e-2
+    # gradients of every parameter agree in direction and size (a few Gaussians at the cut-offs may differ)
+    for name, g_t, g_g in zip(("means", "quats", "scales", "opacities", "colors"), grads_t, grads_g):
+        cosine = torch.nn.functional.cosine_similarity(g_t.flatten(), g_g.flatten(), dim=0)
+        ratio = g_t.norm() / g_g.norm()
+        print(f"{name} gradient: cosine {cosine:.4f}, norm ratio {ratio:.4f}")
+        assert cosine > 0.98 and 0.95 < ratio < 1.05, name

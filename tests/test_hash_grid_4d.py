@@ -94,3 +94,42 @@ def test_4d_gradient_reaches_the_table_and_the_input():
 def test_rejects_more_dimensions_than_primes():
     with pytest.raises(ValueError, match="input dimensions"):
         HashEncodingND(len(HASH_PRIMES) + 1, implementation="torch")
+
+
+def test_level_sizes_are_buffers_that_move_with_the_module_and_stay_out_of_checkpoints():
+    encoding = _encoding(4, num_levels=3, min_res=4, max_res=64, log2_hashmap_size=10)
+    buffers = dict(encoding.named_buffers())
+    assert {"scalings", "hash_offset", "primes"} <= set(buffers)
+    assert torch.equal(buffers["scalings"], torch.tensor([4.0, 16.0, 64.0]))
+    assert torch.equal(buffers["hash_offset"], torch.arange(3) * 1024)
+    assert set(encoding.state_dict()) == {"hash_table"}  # checkpoints from before load unchanged
+
+
+@pytest.mark.cuda
+def test_torch_path_on_cuda_matches_the_cpu():
+    encoding = _encoding(4, num_levels=4, min_res=4, max_res=128, log2_hashmap_size=12)
+    x = torch.rand(1000, 4, generator=torch.Generator().manual_seed(1))
+    expected = encoding(x)
+    encoding.cuda()
+    assert encoding.scalings.is_cuda and encoding.hash_offset.is_cuda
+    torch.testing.assert_close(encoding(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_tcnn_4d_grid_fits_a_function_on_cuda():
+    pytest.importorskip("tinycudann", reason="tiny-cuda-nn is not installed (nerfstudio then uses the PyTorch grids)")
+    torch.manual_seed(0)
+    encoding = HashEncodingND(4, num_levels=8, min_res=4, max_res=64, log2_hashmap_size=14).cuda()
+    assert encoding.tcnn_encoding is not None and encoding.hash_table is None
+    head = torch.nn.Linear(encoding.get_out_dim(), 1).cuda()
+    optimizer = torch.optim.Adam([*encoding.parameters(), *head.parameters()], lr=1e-2)
+    x = torch.rand(4096, 4, device="cuda")
+    target = torch.sin(6.0 * x).sum(-1, keepdim=True)
+    losses = []
+    for _ in range(100):
+        loss = ((head(encoding(x).float()) - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.2 * losses[0], losses[::20]

@@ -1,4 +1,5 @@
-"""nerfacto-4d: time reaches the fields, cameras without times are placed in time, and training on D-NeRF helps."""
+"""nerfacto-4d: time reaches the fields, cameras without times are placed in time, K-Planes' time resolution and
+time-smoothness loss are in place, and training on D-NeRF helps (on CUDA too, under the cuda marker)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.field_components.field_heads import FieldHeadNames
 
 from method_configs.nerfacto_4d import nerfacto_4d
-from ns_4d_methods.fields.nerfacto_4d_field import Nerfacto4DField, TimeHashMLPDensityField
+from ns_4d_methods.fields.nerfacto_4d_field import (
+    Nerfacto4DField,
+    SpaceTimeHashEncoding,
+    TimeHashMLPDensityField,
+    kplanes_time_resolution,
+)
 from ns_4d_methods.models.image_metrics import LazyLPIPS
 from ns_4d_methods.models.nerfacto_4d import Nerfacto4DModel, Nerfacto4DModelConfig
 from ns_4d_methods.render.time_from_pose import TimeFromPose
@@ -83,6 +89,40 @@ def test_proposal_density_fn_takes_time():
     assert early.shape == (6, 5, 1)
     assert not torch.allclose(early, late, rtol=1e-3)
     torch.testing.assert_close(proposal.density_fn(positions), proposal.density_fn(positions, torch.zeros(6, 5, 1)))
+
+
+def test_time_resolution_follows_kplanes_rule_and_time_smoothness_is_a_loss(tiny_model):
+    assert kplanes_time_resolution(200) == 100 and kplanes_time_resolution(50) == 25  # K-Planes on D-NeRF
+    grids = tiny_model.field.mlp_base[0]
+    assert grids.time_resolution == 1 and grids.time_scale == pytest.approx(1 / 32)  # 2 training images, 32 cells
+    proposal_grids = tiny_model.proposal_networks[0].encoding
+    assert proposal_grids.time_resolution == 1
+    # the finest level has time_resolution cells along time: two times in one cell interpolate the same corners
+    encoding = SpaceTimeHashEncoding(2, 4, 16, 10, 2, max_res_4d=16, log2_hashmap_size_4d=10, implementation="torch",
+                                     time_resolution=4)
+    _randomize_time_grid(encoding)
+    x = torch.rand(50, 3, generator=torch.Generator().manual_seed(2))
+    at = lambda t: encoding.grid_4d(torch.cat([x, torch.full((50, 1), t * 4 / 16)], -1))  # noqa: E731
+    torch.testing.assert_close(encoding._space_time(x, torch.full((50, 1), 0.3)), at(0.3))
+    # a 4D grid that is linear in time has no second difference; a random one has
+    with torch.no_grad():
+        smooth_random = encoding.time_smoothness(512)
+    assert smooth_random > 0
+    with torch.no_grad():
+        encoding.grid_4d.hash_table.zero_()
+    assert encoding.time_smoothness(512) == 0
+    # the model's loss while training, weighted by time_smoothness_mult, with gradients into the 4D grid
+    tiny_model.train()
+    rays = _camera_at(torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.5]])).generate_rays(0).reshape((-1,))
+    outputs = tiny_model(rays)
+    batch = {"image": torch.ones(36, 3)}
+    losses = tiny_model.get_loss_dict(outputs, batch, tiny_model.get_metrics_dict(outputs, batch))
+    assert losses["time_smoothness"] > 0
+    losses["time_smoothness"].backward()
+    assert tiny_model.field.mlp_base[0].grid_4d.hash_table.grad.abs().sum() > 0
+    tiny_model.config.time_smoothness_mult = 0.0
+    metrics = tiny_model.get_metrics_dict(outputs, batch)
+    assert "time_smoothness" not in tiny_model.get_loss_dict(outputs, batch, metrics)
 
 
 def _camera_at(center: torch.Tensor, times: torch.Tensor | None = None, size: int = 6) -> Cameras:
@@ -154,12 +194,13 @@ def _test_psnr(pipeline, indices=(0, 7, 14)) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DNERF_SCENE.is_dir(), reason=f"needs {DNERF_SCENE}")
-def test_training_on_dnerf_raises_test_psnr(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_training_on_dnerf_raises_test_psnr(tmp_path, device):
     config = copy.deepcopy(nerfacto_4d.config)
     config.output_dir = tmp_path
     config.vis = "tensorboard"
     config.viewer.quit_on_train_completion = True
-    config.machine.device_type = "cpu"
+    config.machine.device_type = device
     config.max_num_iterations = 60
     config.steps_per_save = 1000
     config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 1000
@@ -177,6 +218,8 @@ def test_training_on_dnerf_raises_test_psnr(tmp_path):
     model.num_proposal_samples_per_ray = (64, 32)
     model.num_nerf_samples_per_ray = 24
     model.eval_num_rays_per_chunk = 4096
+    # tiny-cuda-nn's grids run on CUDA only (used there when installed; the PyTorch grids otherwise)
+    model.implementation = "tcnn" if device == "cuda" else "torch"
     config.set_timestamp()
 
     trainer = config.setup(local_rank=0, world_size=1)

@@ -1,15 +1,17 @@
 """Deformation network of deformable 3D Gaussians (Deformable-3DGS design).
 
 An MLP over positional encodings of a canonical Gaussian centre x and a time t returns offsets for the centre, the
-rotation quaternion and the log-scales. Defaults are the paper's: 8 ReLU layers of width 256, the encoded input fed
-again after the 4th layer, 10 frequencies for x and 6 for t. The output layer starts at zero, so the deformation is
-the identity until it is trained.
+rotation quaternion and the scales. Defaults are the paper's: 8 ReLU layers of width 256, the encoded input fed
+again after the 4th layer, 10 frequencies for x and 6 for t. For synthetic (D-NeRF) scenes the official code first
+passes the time encoding through a small time network (``time_network=(256, 30)``: Linear 13 -> 256, ReLU,
+Linear 256 -> 30), and its output layer has PyTorch's default initialisation (``zero_init=False``); with
+``zero_init`` the output layer starts at zero, so the deformation is the identity until it is trained.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from nerfstudio.field_components.encodings import NeRFEncoding
@@ -34,13 +36,16 @@ def _encoding(in_dim: int, num_frequencies: int) -> NeRFEncoding:
 
 
 class DeformationField(nn.Module):
-    """(x, t) -> (d_means [N, 3], d_quats [N, 4], d_log_scales [N, 3]).
+    """(x, t) -> (d_means [N, 3], d_quats [N, 4], d_scales [N, 3]); the model decides whether the scale offsets
+    apply to the scales or the log-scales.
 
     Args:
         num_layers: hidden layers of the MLP.
         layer_width: width of the hidden layers.
         position_frequencies: encoding frequencies for x.
         time_frequencies: encoding frequencies for t.
+        time_network: (width, outputs) of the time network applied to the time encoding, None for none.
+        zero_init: whether the output layer starts at zero (identity deformation) instead of PyTorch's default.
     """
 
     def __init__(
@@ -49,11 +54,20 @@ class DeformationField(nn.Module):
         layer_width: int = 256,
         position_frequencies: int = 10,
         time_frequencies: int = 6,
+        time_network: Optional[Tuple[int, int]] = None,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         self.position_encoding = _encoding(3, position_frequencies)
         self.time_encoding = _encoding(1, time_frequencies)
-        in_dim = self.position_encoding.get_out_dim() + self.time_encoding.get_out_dim()
+        time_dim = self.time_encoding.get_out_dim()
+        self.time_network = None
+        if time_network is not None:
+            width, time_dim = time_network
+            self.time_network = nn.Sequential(
+                nn.Linear(self.time_encoding.get_out_dim(), width), nn.ReLU(), nn.Linear(width, time_dim)
+            )
+        in_dim = self.position_encoding.get_out_dim() + time_dim
         # Deformable-3DGS concatenates the input to the output of layer num_layers // 2 (0-based), i.e. it enters
         # nerfstudio's MLP at layer num_layers // 2 + 1; that must be a hidden layer (shallow test networks have none).
         skip = num_layers // 2 + 1
@@ -66,12 +80,16 @@ class DeformationField(nn.Module):
             out_activation=nn.ReLU(),
         )
         self.head = nn.Linear(layer_width, 3 + 4 + 3)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, means: Tensor, times: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Offsets for canonical centres ``means`` [N, 3] at ``times`` [N, 1] (or anything broadcastable to it)."""
         times = times.reshape(-1, 1).to(means).expand(means.shape[0], 1)
-        features = torch.cat([self.position_encoding(means), self.time_encoding(times)], dim=-1)
-        d_means, d_quats, d_log_scales = self.head(self.mlp(features)).split([3, 4, 3], dim=-1)
-        return d_means, d_quats, d_log_scales
+        time_features = self.time_encoding(times)
+        if self.time_network is not None:
+            time_features = self.time_network(time_features)
+        features = torch.cat([self.position_encoding(means), time_features], dim=-1)
+        d_means, d_quats, d_scales = self.head(self.mlp(features)).split([3, 4, 3], dim=-1)
+        return d_means, d_quats, d_scales

@@ -60,6 +60,12 @@ class HashEncodingND(HashEncoding):
         )
         self.set_in_dim(in_dim)
         self.register_buffer("primes", torch.tensor(HASH_PRIMES[:in_dim], dtype=torch.int64), persistent=False)
+        # HashEncoding keeps these as plain tensors, copied to the input's device on every call: as buffers they
+        # move with the module once (not part of the checkpoint, so older checkpoints load unchanged)
+        for name in ("scalings", "hash_offset"):
+            value = getattr(self, name)
+            delattr(self, name)
+            self.register_buffer(name, value, persistent=False)
         if implementation == "tcnn" and TCNN_EXISTS:
             self.hash_table = None  # the tcnn grid holds the parameters
             self.tcnn_encoding = tcnn.Encoding(
@@ -78,7 +84,7 @@ class HashEncodingND(HashEncoding):
     def pytorch_fwd(self, in_tensor: Float[Tensor, "*bs input_dim"]) -> Float[Tensor, "*bs output_dim"]:
         """Multilinear interpolation of the hashed corner features of every level's enclosing cell."""
         assert in_tensor.shape[-1] == self.in_dim
-        scaled = in_tensor[..., None, :] * self.scalings.view(-1, 1).to(in_tensor)  # [..., L, N]
+        scaled = in_tensor[..., None, :] * self.scalings.view(-1, 1)  # [..., L, N]
         lower = torch.floor(scaled)
         upper = torch.ceil(scaled)
         offset = scaled - lower
@@ -93,7 +99,7 @@ class HashEncodingND(HashEncoding):
             lo, hi, w = lower_hash[..., d : d + 1], upper_hash[..., d : d + 1], offset[..., d : d + 1]
             corner_hash = torch.cat([corner_hash ^ lo, corner_hash ^ hi], dim=-1)
             corner_weight = torch.cat([corner_weight * (1 - w), corner_weight * w], dim=-1)
-        index = corner_hash % self.hash_table_size + self.hash_offset.to(in_tensor.device)[:, None]  # [..., L, 2^N]
+        index = corner_hash % self.hash_table_size + self.hash_offset[:, None]  # [..., L, 2^N]
 
         # index_select gathers (and scatters gradients) about twice as fast on the CPU as advanced indexing
         features = self.hash_table.index_select(0, index.flatten()).view(*index.shape, -1)  # [..., L, 2^N, F]

@@ -25,12 +25,21 @@ from torch import Tensor, nn
 from ns_4d_methods.fields.hash_grid_4d import HashEncodingND
 
 
+def kplanes_time_resolution(num_instants: int) -> int:
+    """Cells along time of a 4D grid's finest level for a scene seen at ``num_instants`` instants: half of them
+    (K-Planes on D-NeRF: 25 for Lego's 50 frames, 100 for Jumping Jacks' 200), so that every cell holds about two
+    training instants and a held-out time between them lands in a cell they constrain."""
+    return max(1, round(num_instants / 2))
+
+
 class SpaceTimeHashEncoding(Encoding):
     """Sum of a 3D hash encoding of (x, y, z) and a 4D hash encoding of (x, y, z, t); input [..., 4] in [0, 1].
 
     Both grids have the same levels, base resolution and features per level (so their features add); the 4D grid
     has its own finest resolution and table size. Both are :class:`HashEncodingND`, whose PyTorch path is also the
-    faster one for three dimensions on the CPU.
+    faster one for three dimensions on the CPU. The 4D grid's levels have one resolution on all axes: time is
+    scaled by ``time_resolution / max_res_4d`` first, so that its finest level has ``time_resolution`` cells along
+    time (0: ``max_res_4d``, as along space; at most ``max_res_4d``).
     """
 
     def __init__(
@@ -43,8 +52,12 @@ class SpaceTimeHashEncoding(Encoding):
         max_res_4d: int,
         log2_hashmap_size_4d: int,
         implementation: Literal["tcnn", "torch"] = "tcnn",
+        time_resolution: int = 0,
     ) -> None:
         super().__init__(in_dim=4)
+        # at most max_res_4d, so that scaled times stay in [0, 1] (tiny-cuda-nn's grids take nothing else)
+        self.time_resolution = min(time_resolution, max_res_4d) if time_resolution > 0 else max_res_4d
+        self.time_scale = self.time_resolution / max_res_4d
         self.grid_3d = HashEncodingND(
             3, num_levels, base_res, max_res, log2_hashmap_size, features_per_level, implementation=implementation
         )
@@ -55,8 +68,22 @@ class SpaceTimeHashEncoding(Encoding):
     def get_out_dim(self) -> int:
         return self.grid_4d.get_out_dim()
 
+    def _space_time(self, positions: Tensor, times: Tensor) -> Tensor:
+        return self.grid_4d(torch.cat([positions, times * self.time_scale], dim=-1))
+
     def forward(self, in_tensor: Float[Tensor, "*bs 4"]) -> Float[Tensor, "*bs output_dim"]:
-        return self.grid_3d(in_tensor[..., :3]) + self.grid_4d(in_tensor)
+        return self.grid_3d(in_tensor[..., :3]) + self._space_time(in_tensor[..., :3], in_tensor[..., 3:])
+
+    def time_smoothness(self, num_samples: int) -> Tensor:
+        """K-Planes' time-smoothness regulariser for a hash grid: the mean squared second difference along time of
+        the 4D grid's features, one finest time cell apart, at ``num_samples`` points uniform in space and time
+        (K-Planes sums it over every cell of its time planes; uniform samples weigh every cell alike)."""
+        device = self.grid_4d.primes.device
+        positions = torch.rand(num_samples, 3, device=device)
+        step = 1.0 / self.time_resolution
+        times = step + torch.rand(num_samples, 1, device=device) * max(1.0 - 2 * step, 0.0)
+        before, now, after = (self._space_time(positions, times + shift) for shift in (-step, 0.0, step))
+        return ((after - 2 * now + before) ** 2).mean()
 
 
 class SpaceTimeFieldMixin:
@@ -102,8 +129,8 @@ class Nerfacto4DField(SpaceTimeFieldMixin, NerfactoField):
     """Nerfacto's field whose density and geometry features come from the summed 3D and 4D hash grids.
 
     Takes NerfactoField's arguments (the 3D grid's sizes, the MLPs, embeddings, normals) plus the 4D grid's table
-    size and finest resolution; the 4D grid shares the 3D grid's levels, base resolution and features per level so
-    that the two can be summed.
+    size, finest resolution and cells along time (:class:`SpaceTimeHashEncoding`); the 4D grid shares the 3D
+    grid's levels, base resolution and features per level so that the two can be summed.
     """
 
     def __init__(
@@ -120,6 +147,7 @@ class Nerfacto4DField(SpaceTimeFieldMixin, NerfactoField):
         features_per_level: int = 2,
         max_res_4d: int = 2048,
         log2_hashmap_size_4d: int = 19,
+        time_resolution: int = 0,
         implementation: Literal["tcnn", "torch"] = "tcnn",
         **nerfacto_kwargs,
     ) -> None:
@@ -146,6 +174,7 @@ class Nerfacto4DField(SpaceTimeFieldMixin, NerfactoField):
             max_res_4d,
             log2_hashmap_size_4d,
             implementation=implementation,
+            time_resolution=time_resolution,
         )
         # Replaces NerfactoField's fused 3D hash MLP: the grids must be summed before the MLP, which tcnn's fused
         # network cannot do.
@@ -177,7 +206,8 @@ class Nerfacto4DField(SpaceTimeFieldMixin, NerfactoField):
 
 
 class TimeHashMLPDensityField(SpaceTimeFieldMixin, HashMLPDensityField):
-    """Nerfacto's proposal density field with a 4D grid (same sizes) added to its 3D grid."""
+    """Nerfacto's proposal density field with a 4D grid (same sizes, ``time_resolution`` cells along time) added to
+    its 3D grid."""
 
     def __init__(
         self,
@@ -193,6 +223,7 @@ class TimeHashMLPDensityField(SpaceTimeFieldMixin, HashMLPDensityField):
         features_per_level: int = 2,
         average_init_density: float = 1.0,
         implementation: Literal["tcnn", "torch"] = "tcnn",
+        time_resolution: int = 0,
     ) -> None:
         super().__init__(
             aabb,
@@ -218,6 +249,7 @@ class TimeHashMLPDensityField(SpaceTimeFieldMixin, HashMLPDensityField):
             max_res_4d=max_res,
             log2_hashmap_size_4d=log2_hashmap_size,
             implementation=implementation,
+            time_resolution=time_resolution,
         )
         if not use_linear:
             self.mlp_base = nn.Sequential(self.encoding, self.mlp_base[1])

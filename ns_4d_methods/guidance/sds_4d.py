@@ -133,7 +133,10 @@ class FourDAwareSDS:
         alpha_bar = alphas[timestep].to(latents.device, torch.float32)
         with torch.no_grad():
             clean = latents.detach().float()
-            noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+            # on the generator's device (the latents' without one): a CPU generator keeps runs reproducible across
+            # devices at the cost of one copy; a generator on the GPU draws there
+            noise_device = generator.device if generator is not None else clean.device
+            noise = torch.randn(clean.shape, generator=generator, device=noise_device).to(clean.device)
             noisy = add_noise(clean, noise, alpha_bar)
             eps_cfg, eps_cond = prior.predict_noise(
                 noisy.to(latents.dtype), timestep, cameras, prompt, condition, config.guidance_scale

@@ -21,7 +21,7 @@ from nerfstudio.models import nerfacto
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.utils import colormaps
 
-from ns_4d_methods.fields.nerfacto_4d_field import Nerfacto4DField, TimeHashMLPDensityField
+from ns_4d_methods.fields.nerfacto_4d_field import Nerfacto4DField, TimeHashMLPDensityField, kplanes_time_resolution
 from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
 
 
@@ -36,9 +36,19 @@ class Nerfacto4DModelConfig(NerfactoModelConfig):
 
     _target: Type = field(default_factory=lambda: Nerfacto4DModel)
     max_res_4d: int = 2048
-    """Finest resolution of the 4D (x, y, z, t) hash grid, on every axis time included."""
+    """Finest resolution of the 4D (x, y, z, t) hash grid along space."""
     log2_hashmap_size_4d: int = 19
     """Size of the 4D hash grid's table per level is 2^log2_hashmap_size_4d."""
+    time_resolution: int = -1
+    """Cells along time of the 4D grids' finest level (the field's and the proposal networks'); -1: K-Planes' rule,
+    half the number of training images (:func:`kplanes_time_resolution`: one image per instant, as in D-NeRF and
+    monocular videos; set it for multi-camera captures); 0: max_res_4d, as along space (before: 2048 cells, most of
+    them holding no training instant, so that held-out times fell in cells no training frame touched)."""
+    time_smoothness_mult: float = 0.1
+    """Weight of K-Planes' time-smoothness loss on the field's 4D grid (K-Planes on D-NeRF: 0.1; its proposal
+    networks' 0.001 is not applied); 0 turns it off."""
+    time_smoothness_samples: int = 4096
+    """Points per step at which the time-smoothness loss compares the 4D grid one time cell apart."""
 
 
 class Nerfacto4DModel(NerfactoModel):
@@ -47,14 +57,21 @@ class Nerfacto4DModel(NerfactoModel):
     config: Nerfacto4DModelConfig
 
     def populate_modules(self):
+        time_resolution = self.config.time_resolution
+        if time_resolution < 0:
+            time_resolution = kplanes_time_resolution(self.num_train_data)
         field_4d = functools.partial(
-            Nerfacto4DField, max_res_4d=self.config.max_res_4d, log2_hashmap_size_4d=self.config.log2_hashmap_size_4d
+            Nerfacto4DField,
+            max_res_4d=self.config.max_res_4d,
+            log2_hashmap_size_4d=self.config.log2_hashmap_size_4d,
+            time_resolution=time_resolution,
         )
+        density_4d = functools.partial(TimeHashMLPDensityField, time_resolution=time_resolution)
         # NerfactoModel.populate_modules builds its fields and torchmetrics' LPIPS (whose constructor downloads
         # AlexNet weights) by name: have it build the 4D fields and a lazy, never-downloading LPIPS instead, so the
         # proposal wiring stays nerfacto's own.
         with mock.patch.object(nerfacto, "NerfactoField", field_4d), mock.patch.object(
-            nerfacto, "HashMLPDensityField", TimeHashMLPDensityField
+            nerfacto, "HashMLPDensityField", density_4d
         ), mock.patch.object(torchmetrics.image.lpip, "LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
             super().populate_modules()
         self.untimed_density_fns = self.density_fns
@@ -68,6 +85,14 @@ class Nerfacto4DModel(NerfactoModel):
         times = ray_bundle.times[..., None, :]
         self.density_fns = [functools.partial(fn, times=times) for fn in self.untimed_density_fns]
         return super().get_outputs(ray_bundle)
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        """nerfacto's losses, plus K-Planes' time smoothness of the field's 4D grid while training."""
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if self.training and self.config.time_smoothness_mult > 0 and isinstance(self.field, Nerfacto4DField):
+            smoothness = self.field.mlp_base[0].time_smoothness(self.config.time_smoothness_samples)
+            loss_dict["time_smoothness"] = self.config.time_smoothness_mult * smoothness
+        return loss_dict
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gsplat import rendering
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import OrientedBox
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.model_components.lib_bilagrid import color_correct
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch.nn import Parameter
 from ns_4d_methods.fields.deformation_field import DeformationField
 from ns_4d_methods.models.compositing_compiled import load_kernels
 from ns_4d_methods.models.gaussian_rasterizer_torch import rasterization_torch
+from ns_4d_methods.models.gsplat_backend import require_gsplat_backend
 from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
 from ns_4d_methods.models.mcmc_densification import MCMCStrategyAnyDevice
 
@@ -36,7 +38,9 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
 
     _target: Type = field(default_factory=lambda: Splatfacto4DModel)
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
-    """Rasterizer: "gsplat" (CUDA only), "torch" (pure PyTorch, any device) or "auto" (gsplat on CUDA, else torch)."""
+    """Rasterizer: "gsplat" (CUDA only), "torch" (pure PyTorch, any device) or "auto" (gsplat on CUDA, else torch).
+    gsplat's CUDA kernels are checked for when the model is built (one-line error if gsplat has none and no toolkit
+    to compile them); "torch" runs on CUDA too, meanwhile."""
     deformation_num_layers: int = 8
     """Hidden layers of the deformation MLP."""
     deformation_layer_width: int = 256
@@ -45,6 +49,24 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
     """Positional-encoding frequencies of the canonical Gaussian centre."""
     time_frequencies: int = 6
     """Positional-encoding frequencies of time (Deformable-3DGS: 6 for synthetic scenes, 10 for real ones)."""
+    time_network_width: int = 0
+    """Width of the time network between the time encoding and the deformation MLP (Linear, ReLU, Linear); 0 for
+    none. Deformable-3DGS uses one of width 256 with 30 outputs on synthetic (D-NeRF) scenes and none on real ones
+    (splatfacto-4d: 256; 4Real: none)."""
+    time_network_outputs: int = 30
+    """Outputs of the time network (Deformable-3DGS: 30)."""
+    deformation_zero_init: bool = True
+    """Whether the deformation's output layer starts at zero, so that the Gaussians start undeformed. Deformable-3DGS
+    keeps PyTorch's default initialisation (splatfacto-4d: False, as the official); 4Real's temporal stage starts
+    from trained canonical Gaussians and keeps them in place (True)."""
+    scale_offset: Literal["log", "linear"] = "log"
+    """Where the deformation's scale offsets apply: "linear" adds them to the scales after the exponential as
+    Deformable-3DGS does (``get_scaling + d_scaling``; the sign drops out of the covariance, so the magnitude is
+    rendered), "log" to the log-scales (4Real). splatfacto-4d: "linear"."""
+    densify_by_camera_extent: bool = False
+    """Whether the densification's world-space sizes (densify_size_thresh, cull_scale_thresh) are fractions of the
+    cameras' extent (3DGS: 1.1 x the largest distance of a camera centre from their mean, about 4.4 on D-NeRF)
+    instead of a unit scene, as 3DGS and Deformable-3DGS scale them (splatfacto-4d: True; strategy "default")."""
     deformation_warmup: int = 3000
     """Steps during which the Gaussians stay static and only the canonical scene is fitted (Deformable-3DGS: 3000)."""
     deformation_warmup_with_points: bool = True
@@ -80,6 +102,12 @@ class Splatfacto4DModelConfig(SplatfactoModelConfig):
         """First training step of the groups that wait for a phase (the suite's learning-rate rule,
         :mod:`ns_4d_methods.phase_start_schedule`): the deformation after its static warm-up."""
         return {"deformation": self.deformation_warmup}
+
+
+def camera_extent(camera_to_worlds: Tensor) -> float:
+    """3DGS' scene extent: 1.1 x the largest distance of a camera centre from the centres' mean."""
+    centres = camera_to_worlds[:, :3, 3]
+    return 1.1 * float((centres - centres.mean(dim=0)).norm(dim=-1).max())
 
 
 def _world_to_camera(camera_to_world: Tensor) -> Tensor:
@@ -136,14 +164,29 @@ class Splatfacto4DModel(SplatfactoModel):
                 min_opacity=self.config.mcmc_min_opacity,
             )
             self.strategy_state = self.strategy.initialize_state()
+        time_network = self.config.time_network_width, self.config.time_network_outputs
         self.deformation_field = DeformationField(
             num_layers=self.config.deformation_num_layers,
             layer_width=self.config.deformation_layer_width,
             position_frequencies=self.config.position_frequencies,
             time_frequencies=self.config.time_frequencies,
+            time_network=time_network if self.config.time_network_width > 0 else None,
+            zero_init=self.config.deformation_zero_init,
         )
-        if not self._uses_gsplat(on_cuda=torch.cuda.is_available()):
-            load_kernels()  # the CPU rasterizer's compiled compositing, loaded now rather than in the first step
+        # the rasterizer's kernels are loaded (or found missing) now rather than in the first step
+        if self._uses_gsplat(on_cuda=torch.cuda.is_available()):
+            require_gsplat_backend()
+        else:
+            load_kernels()  # the CPU rasterizer's compiled compositing
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        """splatfacto's callbacks; first, the densification's scene scale from the training cameras."""
+        if self.config.densify_by_camera_extent and not self.uses_mcmc:
+            cameras = training_callback_attributes.pipeline.datamanager.train_dataset.cameras
+            self.strategy_state["scene_scale"] = camera_extent(cameras.camera_to_worlds)
+        return super().get_training_callbacks(training_callback_attributes)
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_param_groups()
@@ -192,15 +235,20 @@ class Splatfacto4DModel(SplatfactoModel):
         return losses
 
     def deform(self, time: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """Centres [N, 3], quaternions [N, 4] and log-scales [N, 3] of all Gaussians at ``time``."""
+        """Centres [N, 3], quaternions [N, 4] and log-scales [N, 3] of all Gaussians at ``time`` (scale offsets per
+        ``scale_offset``)."""
         means, quats, log_scales = self.means, self.quats, self.scales
         if self.step < self.deformation_warmup:
             return means, quats, log_scales
         # As in Deformable-3DGS the network reads the canonical centres as fixed inputs: position gradients reach the
         # canonical centres through the additive offset only.
         times = torch.full((len(means), 1), float(time), device=means.device)
-        d_means, d_quats, d_log_scales = self.deformation_field(means.detach(), times)
-        return means + d_means, F.normalize(quats, dim=-1) + d_quats, log_scales + d_log_scales
+        d_means, d_quats, d_scales = self.deformation_field(means.detach(), times)
+        if self.config.scale_offset == "linear":
+            log_scales = torch.log(torch.abs(torch.exp(log_scales) + d_scales) + 1e-12)
+        else:
+            log_scales = log_scales + d_scales
+        return means + d_means, F.normalize(quats, dim=-1) + d_quats, log_scales
 
     def opacities_at(self, time: float) -> Tensor:
         """Opacity logits [N, 1] at ``time``: the canonical ones (the deformation leaves opacity alone). A model whose

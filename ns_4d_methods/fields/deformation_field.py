@@ -86,10 +86,11 @@ class DeformationField(nn.Module):
 
     def forward(self, means: Tensor, times: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Offsets for canonical centres ``means`` [N, 3] at ``times`` [N, 1] (or anything broadcastable to it)."""
-        times = times.reshape(-1, 1).to(means).expand(means.shape[0], 1)
-        time_features = self.time_encoding(times)
+        # encode (and run the time network on) each given time once: a render passes one time for all Gaussians
+        time_features = self.time_encoding(times.reshape(-1, 1).to(means))
         if self.time_network is not None:
             time_features = self.time_network(time_features)
+        time_features = time_features.expand(means.shape[0], -1)
         features = torch.cat([self.position_encoding(means), time_features], dim=-1)
         d_means, d_quats, d_scales = self.head(self.mlp(features)).split([3, 4, 3], dim=-1)
         return d_means, d_quats, d_scales

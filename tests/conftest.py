@@ -4,6 +4,8 @@ CPU runs of the suite cover everything but the marked tests (``test_cuda_marker.
 
 from __future__ import annotations
 
+import urllib.error
+
 import pytest
 import torch
 
@@ -37,3 +39,16 @@ def _cuda_only_under_the_marker(request: pytest.FixtureRequest):
     allocated = _cuda_allocations() - before
     if allocated > 0:
         pytest.fail(f"{request.node.nodeid} made {allocated} GPU allocations without @pytest.mark.cuda", pytrace=False)
+
+
+@pytest.fixture()
+def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """An empty torch hub cache, and no network: a download attempt fails as it does offline. Tests write random
+    weights into it (``torchvision_cache_path``) to exercise the weights rule's loading code."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch_home"

@@ -100,20 +100,6 @@ def test_hold_frozen_keeps_a_model_out_of_the_owners_checkpoint() -> None:
     assert len(list(owner.parameters())) == 2
 
 
-@pytest.fixture()
-def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
-    """An empty torch hub cache, and no network: a download attempt fails as it does offline."""
-    import urllib.error
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network for {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return tmp_path / "torch_home"
-
-
 def test_torchvision_weights_load_from_the_torch_hub_cache(torch_home) -> None:
     from torchvision.models import alexnet
 

@@ -7,7 +7,6 @@ CPU; the original RAFT-small checkpoint in ../shared/weights.
 
 from __future__ import annotations
 
-import urllib.error
 from functools import cache
 from pathlib import Path
 
@@ -154,18 +153,6 @@ def test_raft_checkpoint_errors_are_one_line(tmp_path: Path) -> None:
         RaftFlow(tmp_path / "broken.pth", field_name="pipeline.raft_weights")
     message = str(broken.value)
     assert "\n" not in message and "update_block.flow_head.conv2.bias" in message and "fnet.conv1.weight" in message
-
-
-@pytest.fixture()
-def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
-    """An empty torch hub cache, and no network: a download attempt fails as it does offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network for {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return tmp_path / "torch_home"
 
 
 def test_default_raft_is_torchvisions_raft_things_port_from_the_hub_cache(torch_home) -> None:

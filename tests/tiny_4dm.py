@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from tiny_models import MAX_TOKENS, tiny_clip_text_encoder, tiny_clip_tokenizer
+from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_clip_towers
 from transformers import (
     CLIPImageProcessor,
     CLIPSegConfig,
@@ -91,16 +91,8 @@ def build_tiny_clipseg(path: str | Path, seed: int = 0) -> Path:
     """A tiny random CLIPSeg (the anchor video's matting model): 32 px images, 8 px patches, the character tokenizer;
     saved with save_pretrained with its CLIPSegProcessor."""
     tokenizer = tiny_clip_tokenizer()
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = CLIPSegConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id, **special,
-        ),
-        vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        **tiny_clip_towers(tokenizer),
         projection_dim=16,
         extract_layers=[0, 1],
         reduce_dim=16,

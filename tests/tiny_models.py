@@ -145,11 +145,10 @@ def build_tiny_ip2p_pipeline(path: str | Path, seed: int = 0) -> StableDiffusion
     return pipeline
 
 
-def build_tiny_clip(path) -> None:
-    """A tiny random CLIPModel and its CLIPProcessor (the tiny character tokenizer), saved with save_pretrained."""
-    tokenizer = tiny_clip_tokenizer()
+def tiny_clip_towers(tokenizer) -> dict:
+    """Text and vision tower configs of the tiny CLIP (32 px images, 8 px patches), shared by CLIP and CLIPSeg."""
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # pooled at the EOS
-    config = CLIPConfig(
+    return dict(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id, **special,
@@ -158,8 +157,13 @@ def build_tiny_clip(path) -> None:
             image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4,
         ),
-        projection_dim=16,
     )
+
+
+def build_tiny_clip(path) -> None:
+    """A tiny random CLIPModel and its CLIPProcessor (the tiny character tokenizer), saved with save_pretrained."""
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(**tiny_clip_towers(tokenizer), projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         CLIPModel(config).save_pretrained(path)

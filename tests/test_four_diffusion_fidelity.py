@@ -6,7 +6,6 @@ and the 8-frame default."""
 from __future__ import annotations
 
 import types
-import urllib.error
 import warnings
 from pathlib import Path
 
@@ -33,16 +32,10 @@ JUMPINGJACKS = DATA / "dnerf_jumpingjacks_400" / "train"
 
 
 @pytest.fixture()
-def torch_home(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torch hub cache, and no network: a download attempt fails as it does offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError(f"no network for {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+def torch_home(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """conftest's empty, offline torch hub cache, with LazyLPIPS's once-per-process warning armed again."""
     monkeypatch.setattr(LazyLPIPS, "_warned", set())
-    return tmp_path / "torch_home"
+    return torch_home
 
 
 # ---- defect 1: tiny-cuda-nn ----------------------------------------------------------------------------------------
@@ -67,7 +60,7 @@ def test_heads_are_pytorch_mlps_when_tcnn_is_asked_for(monkeypatch):
         assert all(isinstance(m, nn.Linear) for m in head.modules() if list(m.parameters(recurse=False)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="tiny-cuda-nn runs on CUDA")
+@pytest.mark.cuda
 def test_one_step_with_tcnn_on_cuda():
     pytest.importorskip("tinycudann")
     from nerfstudio.cameras.cameras import Cameras  # noqa: F401  (CUDA set-up of nerfstudio)

@@ -209,8 +209,12 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
                 time_input.fill(value)
                 time_input.press("Enter")
                 shown = settled_canvas(page, f"after setting the time to {value}", replacing=shown)
+            # A quiet canvas can still be replaced once more seconds later (a render of the same view and time that
+            # differs on ~5 % of the canvas, seen in 1 of 3 quiet runs even after the round trip; cause not found):
+            # take the settled canvas again after 5 s.
+            page.wait_for_timeout(5000)
             # The first view, never moved: the first training camera's, at its time, framing the scene as its image.
-            before = shown
+            before = settled_canvas(page, "after training")
             Image.fromarray(before.astype(np.uint8)).save(tmp_path / "viewer_before.png")
             fraction = scene_fraction(before)
             assert fraction > 0.01, f"canvas shows no scene ({fraction:.4%} of it differs from the background)"

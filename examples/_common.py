@@ -59,6 +59,20 @@ def train(method: str, workdir: Path, steps, *args) -> Path:
     return workdir / "runs" / "example" / method / method / "config.yml"
 
 
+def sample_scene(args: argparse.Namespace) -> Path:
+    """``ns-4d-sample-scene`` into ``workdir/scene`` at ``--resolution``, unless an earlier run made it."""
+    scene = args.workdir / "scene"
+    if not scene.exists():
+        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+    return scene
+
+
+def render_sample_scene_video(config: Path, args: argparse.Namespace) -> None:
+    """``workdir/video.mp4``: the run rendered along :data:`CAMERA_PATH` (moved into its coordinates)."""
+    render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
+           args.workdir / "video.mp4")
+
+
 def sample_scene_path(config: Path, output: Path, size: int = 128) -> Path:
     """``camera_path.json`` moved into the run's world coordinates (its ``dataparser_transforms.json``)."""
     transforms = json.loads((config.parent / "dataparser_transforms.json").read_text())

@@ -14,7 +14,7 @@ Outputs under --workdir (default examples_output/instruct4d): scene/, runs/, vid
 
 import shlex
 
-from _common import parser, render, run, sample_scene_path, train
+from _common import parser, render_sample_scene_video, run, sample_scene, train
 
 IP2P_MODEL = "timbrooks/instruct-pix2pix"
 
@@ -26,15 +26,12 @@ def main() -> None:
     p.add_argument("--recon-steps", type=int, default=None, help="steps of the nerfacto-4d reconstruction")
     p.add_argument("--recon-args", default=[], type=shlex.split, help="further flags of the reconstruction")
     args = p.parse_args()
-    scene = args.workdir / "scene"
-    if not scene.exists():
-        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+    scene = sample_scene(args)
     recon = train("nerfacto-4d", args.workdir, args.recon_steps, *args.recon_args, "--data", scene)
     config = train("instruct4d", args.workdir, args.steps, "--load-dir", recon.parent / "nerfstudio_models",
                    "--pipeline.prompt", args.prompt, "--pipeline.ip2p-model-id", args.ip2p_model, *args.train_args,
                    "--data", scene)
-    render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
-           args.workdir / "video.mp4")
+    render_sample_scene_video(config, args)
     run("ns-4d-export", "mesh", "--load-config", config, "--output-dir", args.workdir / "meshes", "--times", 0, 0.5,
         1, *args.export_args)
 

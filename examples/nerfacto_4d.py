@@ -9,17 +9,14 @@ GB of GPU memory. Outputs
 under --workdir (default examples_output/nerfacto_4d): scene/, runs/, video.mp4, meshes/ (index.json + mesh_*.ply).
 """
 
-from _common import parser, render, run, sample_scene_path, train
+from _common import parser, render_sample_scene_video, run, sample_scene, train
 
 
 def main() -> None:
     args = parser(__doc__, "nerfacto_4d").parse_args()
-    scene = args.workdir / "scene"
-    if not scene.exists():
-        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+    scene = sample_scene(args)
     config = train("nerfacto-4d", args.workdir, args.steps, *args.train_args, "--data", scene)
-    render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
-           args.workdir / "video.mp4")
+    render_sample_scene_video(config, args)
     run("ns-4d-export", "mesh", "--load-config", config, "--output-dir", args.workdir / "meshes", "--times", 0, 0.5,
         1, *args.export_args)
 

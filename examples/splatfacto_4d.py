@@ -4,24 +4,21 @@
     python examples/splatfacto_4d.py                 # CPU: about 10 minutes on 2 cores (3,000-step compact preset)
     python examples/splatfacto_4d.py --steps 200     # a quick look (about 1 minute of training)
 
-On a GPU (CUDA; an estimate, not measured here) the full 30,000-step schedule runs (about 2 GB of GPU memory at 128
+On a GPU (CUDA; an estimate, not measured here) the full 40,000-step schedule runs (about 2 GB of GPU memory at 128
 px). Outputs under --workdir
 (default examples_output/splatfacto_4d): scene/, runs/, video.mp4, gaussians/ (index.json + frame_*.ply),
 splatv/scene.splatv. ns-4d-export splatv refuses (one line, nothing written) when the bake is further from the
 model than its limits (--export-args "--min-psnr 30 --segments 16" to change them).
 """
 
-from _common import parser, render, run, sample_scene_path, train
+from _common import parser, render_sample_scene_video, run, sample_scene, train
 
 
 def main() -> None:
     args = parser(__doc__, "splatfacto_4d").parse_args()
-    scene = args.workdir / "scene"
-    if not scene.exists():
-        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+    scene = sample_scene(args)
     config = train("splatfacto-4d", args.workdir, args.steps, *args.train_args, "--data", scene)
-    render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
-           args.workdir / "video.mp4")
+    render_sample_scene_video(config, args)
     run("ns-4d-export", "gaussians", "--load-config", config, "--output-dir", args.workdir / "gaussians",
         "--num-frames", 5)
     run("ns-4d-export", "splatv", "--load-config", config, "--output-dir", args.workdir / "splatv",

@@ -12,7 +12,7 @@ regenerated); with tiny models, as the examples' test runs it, a few minutes (no
 Outputs under --workdir (default examples_output/unified_edit): scene/, runs/, video.mp4, gaussians/.
 """
 
-from _common import parser, render, run, sample_scene_path, train
+from _common import parser, render_sample_scene_video, run, sample_scene, train
 
 SD_MODEL = "stabilityai/stable-diffusion-2-1-base"
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -24,14 +24,11 @@ def main() -> None:
     p.add_argument("--sd-model", default=SD_MODEL, help="Stable Diffusion: hub id or local directory")
     p.add_argument("--clip-model", default=CLIP_MODEL, help="CLIP for the edit metrics: hub id or local directory")
     args = p.parse_args()
-    scene = args.workdir / "scene"
-    if not scene.exists():
-        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+    scene = sample_scene(args)
     config = train("unified-edit", args.workdir, args.steps, "--pipeline.prompt", args.prompt,
                    "--pipeline.editor.model", args.sd_model,
                    "--pipeline.clip-model", args.clip_model, *args.train_args, "--data", scene)
-    render(config, sample_scene_path(config, args.workdir / "camera_path.json", args.resolution),
-           args.workdir / "video.mp4")
+    render_sample_scene_video(config, args)
     run("ns-4d-export", "gaussians", "--load-config", config, "--output-dir", args.workdir / "gaussians",
         "--num-frames", 5, *args.export_args)
 

@@ -14,7 +14,10 @@ import test_unified_edit_method as unified_edit
 # fixtures (pytest finds them by name): the tiny 4DM and CLIP, the object video, 4Real's videos and tiny models
 from test_four_diffusion_method import models, scene  # noqa: F401
 from test_four_real_method import inputs  # noqa: F401
+from tiny_4dm import write_random_backbone
 from tiny_models import build_tiny_clip, build_tiny_ip2p_pipeline, build_tiny_sd_pipeline
+
+from ns_4d_methods.models.image_metrics import ALEXNET
 
 CUDA = ("--machine.device-type", "cuda")
 pytestmark = pytest.mark.cuda
@@ -25,8 +28,9 @@ def _checkpoint_written(run: Path) -> bool:
 
 
 @instruct4d.needs_scene
-def test_instruct4d_on_cuda(tmp_path):
+def test_instruct4d_on_cuda(tmp_path, torch_home):
     build_tiny_ip2p_pipeline(tmp_path / "ip2p")
+    write_random_backbone(ALEXNET, features_only=True)  # the LPIPS loss's AlexNet, in the offline torch hub cache
     out = tmp_path / "out"
     recon = instruct4d.train("nerfacto-4d", out, "recon", 4, *instruct4d.dnerf_args(), *CUDA)
     assert recon.returncode == 0, recon.stderr[-3000:]

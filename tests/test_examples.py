@@ -16,11 +16,13 @@ from four_real_scene import camera_pose, freeze_time_video, reference_video
 from PIL import Image
 from test_four_diffusion_method import TINY as TINY_4DIFFUSION
 from test_four_real_method import write_mp4
-from tiny_4dm import build_tiny_4dm
+from tiny_4dm import build_tiny_4dm, write_random_backbone
 from tiny_models import (
     TINY_NERFACTO_4D, build_tiny_clip, build_tiny_ip2p_pipeline, build_tiny_sd_pipeline, build_tiny_xclip,
 )
 from tiny_video_models import build_tiny_ltx_pipeline
+
+from ns_4d_methods.models.image_metrics import ALEXNET
 
 pytestmark = pytest.mark.slow
 # Each example runs three to five ns-* commands (about 40 s of start-up each on 2 cores): together far more than the
@@ -75,10 +77,12 @@ def test_nerfacto_4d(tmp_path):
 
 
 @run_examples
-def test_instruct4d(tmp_path):
+def test_instruct4d(tmp_path, torch_home):
     build_tiny_ip2p_pipeline(tmp_path / "ip2p")
+    write_random_backbone(ALEXNET, features_only=True)  # the LPIPS loss's AlexNet, in the offline torch hub cache
     edits = ["--pipeline.full-edit-steps", "2", "--pipeline.refine-steps", "2", "--pipeline.refine-strength", "0.5",
-             "--pipeline.max-edit-resolution", "32", "--pipeline.datamanager.train-num-images-to-sample-from", "10"]
+             "--pipeline.max-edit-resolution", "32", "--pipeline.datamanager.train-num-images-to-sample-from", "10",
+             "--pipeline.datamanager.train-num-rays-per-batch", "1024"]  # one 32x32 patch
     example("instruct4d", tmp_path / "run", "--resolution", "32", "--recon-steps", "4", "--steps", "3",
             "--ip2p-model", str(tmp_path / "ip2p"), "--recon-args", joined([*TINY_NERFACTO_4D, *QUIET]),
             "--train-args", joined([*TINY_NERFACTO_4D, *QUIET, *edits]),

@@ -31,6 +31,8 @@ from ns_4d_methods.editing.depth_projection import project_key_views
 from ns_4d_methods.guidance.frame_editor import FrameEditor, edit_size
 from ns_4d_methods.guidance.ip2p_editor import InstructPix2PixEditor
 from ns_4d_methods.pipelines.instruct4d_pipeline import EditPosition, Instruct4DPipeline, key_round_strength
+from ns_4d_methods.models.image_metrics import ALEXNET
+from tiny_4dm import write_random_backbone
 from tiny_models import TINY_NERFACTO_4D, build_tiny_ip2p_pipeline
 
 DNERF_SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dnerf_jumpingjacks_400"
@@ -46,21 +48,33 @@ TINY_MODEL = [
 RAFT_SMALL = Path(__file__).resolve().parents[2] / "shared" / "weights" / "raft-small.pth"
 TINY_EDITS = [
     "--pipeline.raft-weights", str(RAFT_SMALL),
+    "--pipeline.datamanager.train-num-rays-per-batch", "1024",  # one 32x32 patch for the LPIPS loss
     "--pipeline.full-edit-steps", "2", "--pipeline.refine-steps", "2", "--pipeline.refine-strength", "0.5",
     "--pipeline.max-edit-resolution", "32", "--pipeline.datamanager.train-num-images-to-sample-from", "10",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lpips_backbone(tmp_path_factory):
+    """An offline torch hub cache (as conftest's torch_home) for the whole module, with random AlexNet weights for
+    instruct4d's LPIPS loss; the ns-train runs inherit TORCH_HOME and are offline through HF_HUB_OFFLINE."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        write_random_backbone(ALEXNET, features_only=True)
+        yield
 
 
 def run(args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env(), **kwargs)
 
 
-def _env():
+def _env(**changes):
     # the venv's ffmpeg for ns-render; never reach for the hub
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1", **changes)
 
 
-def train(method: str, out: Path, name: str, iters: int, *extra: str, data: Path = DNERF_SCENE, popen=False):
+def train(method: str, out: Path, name: str, iters: int, *extra: str, data: Path = DNERF_SCENE, popen=False,
+          env=None):
     args = [
         sys.executable, "-m", "nerfstudio.scripts.train", method, "--output-dir", str(out), "--experiment-name", "exp",
         "--timestamp", name, "--max-num-iterations", str(iters), *TINY_MODEL, "--data", str(data), *extra,
@@ -68,7 +82,8 @@ def train(method: str, out: Path, name: str, iters: int, *extra: str, data: Path
     if data == DNERF_SCENE:
         args.append("dnerf-data")  # instruct4d's default parser is ns4d-data (monocular videos)
     if popen:
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env(**(env or {})))
     return run(args)
 
 
@@ -158,7 +173,8 @@ def tiny_pipeline_config(tiny_ip2p: Path, **overrides):
     config.full_edit_steps, config.refine_steps, config.refine_strength, config.max_edit_resolution = 2, 2, 0.5, 32
     for name, value in overrides.items():
         setattr(config, name, value)
-    config.datamanager.train_num_images_to_sample_from, config.datamanager.train_num_rays_per_batch = 10, 64
+    # one 32x32 patch per batch, for the LPIPS loss
+    config.datamanager.train_num_images_to_sample_from, config.datamanager.train_num_rays_per_batch = 10, 1024
     model = config.model
     model.num_levels, model.log2_hashmap_size, model.max_res = 2, 8, 16
     model.log2_hashmap_size_4d, model.max_res_4d, model.implementation = 8, 16, "torch"
@@ -574,11 +590,14 @@ def bad_runs(reconstruction, multi_camera, tiny_ip2p):
         "weights unreachable": edit_args(root / "no-such-ip2p", checkpoints),
         "other scene": edit_args(tiny_ip2p, multi_run / "nerfstudio_models"),
         "other model": edit_args(tiny_ip2p, checkpoints, "--pipeline.model.num-levels", "5"),
+        "no lpips weights": edit_args(tiny_ip2p, checkpoints),
+        "patch sizes differ": edit_args(tiny_ip2p, checkpoints, "--pipeline.datamanager.patch-size", "16"),
     }
+    envs = {"no lpips weights": {"TORCH_HOME": str(root / "empty_torch_home")}}
     before = snapshot(DNERF_SCENE)
     started = time.time()
-    processes = {name: train("instruct4d", out, name.replace(" ", "-"), 2, *dnerf_args(), *args, popen=True)
-                 for name, args in cases.items()}
+    processes = {name: train("instruct4d", out, name.replace(" ", "-"), 2, *dnerf_args(), *args, popen=True,
+                             env=envs.get(name)) for name, args in cases.items()}
     results = {name: (p.wait(timeout=900), *p.communicate()) for name, p in processes.items()}
     assert snapshot(DNERF_SCENE) == before
     print(f"bad-input runs: {time.time() - started:.0f} s")
@@ -595,6 +614,8 @@ def bad_runs(reconstruction, multi_camera, tiny_ip2p):
         ("weights unreachable", "error: --pipeline.ip2p-model-id: cannot load"),
         ("other scene", "error: the checkpoint edits a scene with 15 training images, but this dataset has 200"),
         ("other model", "error: the checkpoint (--load-dir/--load-checkpoint) does not fit this model: size mismatch"),
+        ("no lpips weights", f"error: --pipeline.model.lpips-weights: cannot load '{ALEXNET}' (HF_HUB_OFFLINE is set"),
+        ("patch sizes differ", "error: --pipeline.datamanager.patch-size 16: the LPIPS loss takes 32x32 patches"),
     ],
 )
 def test_bad_input_is_a_one_line_error(bad_runs, case, expected):
@@ -604,3 +625,5 @@ def test_bad_input_is_a_one_line_error(bad_runs, case, expected):
     last = stderr.strip().splitlines()[-1]
     print(f"{case}: exit {returncode}: {last}")
     assert last.startswith(expected), last
+    if case in ("no lpips weights", "patch sizes differ"):  # and how to go on without the term
+        assert last.endswith("--pipeline.model.lpips-loss-weight 0 trains without the LPIPS term"), last

@@ -137,3 +137,22 @@ def test_models_are_frozen_and_out_of_the_state_dict(editor) -> None:
     owner = torch.nn.Module()
     owner.editor = editor  # how a nerfstudio pipeline holds it: registered, yet contributes nothing to checkpoints
     assert owner.state_dict() == {}
+
+
+@pytest.mark.parametrize("anchor", ["anchor_self", "anchor", "off"])
+def test_guidance_branches_one_after_the_other_give_the_batched_edit(editor, frames, anchor: str) -> None:
+    """The memory saver is exact: anchor attention and the shared GroupNorm statistics work within a branch."""
+    window = torch.cat([frames, frames.flip(-1), frames.flip(-2)])  # 6 frames, coupled through the anchor and norms
+    kwargs = dict(prompt=PROMPT, strength=0.75, num_inference_steps=4, anchor=anchor, seed=3)
+    batched = editor.edit(window, init_images=window.flip(0), **kwargs)
+    editor.sequential_branches = True
+    try:
+        calls = []
+        hook = editor.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        sequential = editor.edit(window, init_images=window.flip(0), **kwargs)
+        hook.remove()
+    finally:
+        editor.sequential_branches = False
+    assert calls == [6] * 3 * 3  # 3 denoising steps x 3 branches of 6 frames
+    torch.testing.assert_close(sequential, batched, atol=1e-5, rtol=0)
+    assert (sequential - batched).abs().max() < 1e-5

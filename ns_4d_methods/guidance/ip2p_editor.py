@@ -53,6 +53,9 @@ class InstructPix2PixEditor(torch.nn.Module):
         device: where the models run.
         dtype: model dtype; fp16 on CUDA and fp32 on the CPU when None.
         sampler: "ddim" (deterministic DDIM, eta 0: the official code's) or "pipeline" (the model's own scheduler).
+        sequential_branches: run the UNet on the 3 guidance branches one after the other instead of as one batch of
+            3 x frames: the same result (anchor attention and shared GroupNorm work within a branch), with a third
+            of the UNet's activations alive at once.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class InstructPix2PixEditor(torch.nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         sampler: Sampler = "ddim",
+        sequential_branches: bool = False,
     ) -> None:
         super().__init__()
         pipeline = load_diffusion_pipeline(
@@ -83,6 +87,7 @@ class InstructPix2PixEditor(torch.nn.Module):
         if sampler == "ddim":  # eta defaults to 0 in DDIMScheduler.step: no noise is drawn after the start
             self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, **SD14_DDIM)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.sequential_branches = sequential_branches
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -185,17 +190,15 @@ class InstructPix2PixEditor(torch.nn.Module):
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
         coupled = anchor != "off"
-        with anchor_attention(self.unet, anchor, 3) if coupled else nullcontext(), cross_frame_group_norm(
-            self.unet, 3
+        branches = 1 if self.sequential_branches else 3  # guidance branches per UNet batch
+        with anchor_attention(self.unet, anchor, branches) if coupled else nullcontext(), cross_frame_group_norm(
+            self.unet, branches
         ) if coupled else nullcontext():
             for t in timesteps:
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * 3), t)
-                eps_text, eps_image, eps_uncond = self.unet(
-                    torch.cat([model_input, image_cond], dim=1),
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    return_dict=False,
-                )[0].chunk(3)
+                eps_text, eps_image, eps_uncond = self._noise_predictions(
+                    torch.cat([model_input, image_cond], dim=1), t, prompt_embeds
+                )
                 eps = (
                     eps_uncond
                     + guidance_scale * (eps_text - eps_image)
@@ -205,3 +208,14 @@ class InstructPix2PixEditor(torch.nn.Module):
 
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+    def _noise_predictions(
+        self, unet_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The UNet's noise predictions (text, image, unconditional) of a ``[3 x frames]`` branch-major batch."""
+        if not self.sequential_branches:
+            return self.unet(unet_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0].chunk(3)
+        return tuple(
+            self.unet(branch, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            for branch, embeds in zip(unet_input.chunk(3), prompt_embeds.chunk(3))
+        )

@@ -2,7 +2,8 @@
 
 Everything but the fields is nerfacto's: proposal sampling, renderers, interlevel/distortion/normal losses, camera
 optimiser. The model reads ``ray_bundle.times`` (in [0, 1]; rays without times are rendered at time 0) and hands the
-same times to the proposal density fields.
+same times to the proposal density fields. An optional LPIPS loss on square patches of rays (``lpips_loss_weight``,
+for a datamanager that samples patches) is what instruct4d trains with, as the official NeRFPlayer-nerfacto.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.utils import colormaps
 
 from ns_4d_methods.fields.nerfacto_4d_field import Nerfacto4DField, TimeHashMLPDensityField, kplanes_time_resolution
-from ns_4d_methods.models.image_metrics import LazyLPIPS, image_metrics
+from ns_4d_methods.models.image_metrics import ALEXNET, LazyLPIPS, LPIPSLoss, image_metrics
 
 
 @dataclass
@@ -49,6 +50,15 @@ class Nerfacto4DModelConfig(NerfactoModelConfig):
     networks' 0.001 is not applied); 0 turns it off."""
     time_smoothness_samples: int = 4096
     """Points per step at which the time-smoothness loss compares the 4D grid one time cell apart."""
+    lpips_loss_weight: float = 0.0
+    """Weight of an LPIPS loss between the rendered and the target patches of a training batch (0: none). The batch's
+    rays must be square patches of ``lpips_patch_size`` pixels, row by row (nerfstudio's patch sampler:
+    ``--pipeline.datamanager.patch-size``); instruct4d sets 1, as the official NeRFPlayer-nerfacto."""
+    lpips_patch_size: int = 32
+    """Side of the patches the LPIPS loss reshapes a batch into (the official 32; equal to the datamanager's)."""
+    lpips_weights: str = ALEXNET
+    """Backbone of the LPIPS loss: a torchvision weights enum name (downloaded into the torch hub cache when absent)
+    or a local state-dict file; AlexNet as the official (torchmetrics' LPIPS with its default net)."""
 
 
 class Nerfacto4DModel(NerfactoModel):
@@ -75,6 +85,18 @@ class Nerfacto4DModel(NerfactoModel):
         ), mock.patch.object(torchmetrics.image.lpip, "LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
             super().populate_modules()
         self.untimed_density_fns = self.density_fns
+        # the LPIPS loss's network stays out of checkpoints; loaded by load_lpips_loss
+        self.patch_lpips = LPIPSLoss(
+            self.config.lpips_weights,
+            field_name="--pipeline.model.lpips-weights",
+            hint="--pipeline.model.lpips-loss-weight 0 trains without the LPIPS term",
+        )
+
+    def load_lpips_loss(self) -> None:
+        """Loads the LPIPS loss's network when its term has weight; raises
+        :class:`~ns_4d_methods.guidance.model_loading.WeightsUnavailableError` (one line) without the weights."""
+        if self.config.lpips_loss_weight > 0:
+            self.patch_lpips.load()
 
     def get_outputs(self, ray_bundle: RayBundle):
         if ray_bundle.times is None:
@@ -92,7 +114,25 @@ class Nerfacto4DModel(NerfactoModel):
         if self.training and self.config.time_smoothness_mult > 0 and isinstance(self.field, Nerfacto4DField):
             smoothness = self.field.mlp_base[0].time_smoothness(self.config.time_smoothness_samples)
             loss_dict["time_smoothness"] = self.config.time_smoothness_mult * smoothness
+        if self.training and self.config.lpips_loss_weight > 0:
+            loss_dict["lpips_loss"] = self.config.lpips_loss_weight * self.patch_lpips_loss(outputs, batch)
         return loss_dict
+
+    def patch_lpips_loss(self, outputs, batch) -> torch.Tensor:
+        """LPIPS of the rendered and target patches (on the same background as the RGB loss), inputs mapped to
+        [-1, 1] as the official code does."""
+        size = self.config.lpips_patch_size
+        pred, target = self.renderer_rgb.blend_background_for_loss_computation(
+            pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"],
+            gt_image=batch["image"].to(self.device),
+        )
+        if pred.shape[0] % (size * size):
+            raise ValueError(f"{pred.shape[0]} rays are not whole {size}x{size} patches: sample patches of that size")
+
+        def patches(rgb: torch.Tensor) -> torch.Tensor:
+            return rgb.reshape(-1, size, size, 3).permute(0, 3, 1, 2)
+
+        return self.patch_lpips(patches(pred), patches(target))
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:

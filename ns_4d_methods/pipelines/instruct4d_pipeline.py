@@ -143,6 +143,13 @@ class Instruct4DPipelineConfig(EditingPipelineConfig):
     """Long side, in pixels, that frames are edited at (at most; 0: the training resolution, as the official code edits
     N3DV at 1352x1014); frames are resized to multiples of 8 and back. A cap (e.g. 512) saves GPU memory and time at
     the cost of ~2.6x upsampling blur on N3DV. Full-size memory was not measured here (no GPU on the test machine)."""
+    sequential_guidance: bool = False
+    """Run InstructPix2Pix's three guidance branches (text + image, image only, unconditional) through the UNet one
+    after the other instead of as one batch of 3 x window frames. Exact (anchor attention and the shared GroupNorm
+    statistics work within a branch; equal to the batched edit within 1e-5), with a third of the UNet's activations
+    alive at once: an edit's peak memory growth 425 -> 185 MiB (5 frames of 192x128, tiny model, CPU;
+    tests/benchmarks/ip2p_branch_memory.py), for three smaller UNet calls per step. GPU memory was not measured (no
+    GPU here). Frames are not split: the window's couplings span all its frames."""
     edit_seed: int = 0
     """Seed of every edit's noise and of the key-camera choice: edits are reproducible."""
 
@@ -202,6 +209,7 @@ class Instruct4DPipeline(EditingPipeline):
     def __init__(self, config: Instruct4DPipelineConfig, *args: Any, **kwargs: Any) -> None:
         _check_config(config)  # before the datasets load: bad input fails fast
         super().__init__(config, *args, **kwargs)
+        _check_patches(config, self.train_dataset)
         self.position = EditPosition()
         # The viewer collects ViewerElements among the pipeline's attributes; edits read them at every unit.
         self.viewer_prompt = ViewerText("Edit instruction", config.prompt, hint="Used from the next edit on")
@@ -217,14 +225,17 @@ class Instruct4DPipeline(EditingPipeline):
 
     # ---- setup ------------------------------------------------------------------------------------------------------
     def setup_editing(self, trainer: Trainer) -> None:
-        """Loads the editor and the flow estimator."""
+        """Loads the LPIPS loss's network, the editor and the flow estimator."""
         if trainer.config.load_dir is None and trainer.config.load_checkpoint is None:
             raise InputError(
                 "instruct4d edits a reconstruction: pass --load-dir <run>/nerfstudio_models of a nerfacto-4d run "
                 "on this scene (or --load-checkpoint)"
             )
+        if hasattr(self.model, "load_lpips_loss"):
+            self.model.load_lpips_loss()  # small, and its absence is one line: before the diffusion model
         ip2p = InstructPix2PixEditor(
-            self.config.ip2p_model_id, field_name="--pipeline.ip2p-model-id", device=self.device
+            self.config.ip2p_model_id, field_name="--pipeline.ip2p-model-id", device=self.device,
+            sequential_branches=self.config.sequential_guidance,
         )
         self.editor = FrameEditor(ip2p, self.config.max_edit_resolution)
         self.flow = build_flow_estimator(
@@ -415,6 +426,31 @@ class Instruct4DPipeline(EditingPipeline):
 
     def comparison_prompts(self) -> tuple[str, str]:
         return str(self.viewer_prompt.value), ""
+
+
+def _check_patches(config: Instruct4DPipelineConfig, dataset: EditedFrameDataset) -> None:
+    """Patch sampling and the LPIPS term: whole patches per batch (nerfstudio would round the batch down, to no rays
+    when it holds less than one), frames that hold a patch, and the model's patches the datamanager's."""
+    patch, rays = config.datamanager.patch_size, config.datamanager.train_num_rays_per_batch
+    lpips = getattr(config.model, "lpips_loss_weight", 0.0) > 0
+    off = ", or --pipeline.model.lpips-loss-weight 0 trains without the LPIPS term" if lpips else ""
+    if patch > 1 and (rays < patch * patch or rays % (patch * patch)):
+        raise InputError(
+            f"--pipeline.datamanager.train-num-rays-per-batch {rays} is not a whole number of {patch}x{patch} patches "
+            f"(--pipeline.datamanager.patch-size); expected a multiple of {patch * patch}{off}"
+        )
+    height, width = int(dataset.cameras.height.min()), int(dataset.cameras.width.min())
+    if min(height, width) < patch:
+        raise InputError(
+            f"training frames of {width}x{height} px are smaller than the {patch}x{patch} patches of "
+            f"--pipeline.datamanager.patch-size; expected a smaller patch size{off}"
+        )
+    if lpips and patch != config.model.lpips_patch_size:
+        size = config.model.lpips_patch_size
+        raise InputError(
+            f"--pipeline.datamanager.patch-size {patch}: the LPIPS loss takes {size}x{size} patches "
+            f"(--pipeline.model.lpips-patch-size); expected equal sizes{off}"
+        )
 
 
 def _check_config(config: Instruct4DPipelineConfig) -> None:

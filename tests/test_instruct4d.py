@@ -585,7 +585,7 @@ def bad_runs(reconstruction, multi_camera, tiny_ip2p):
     out = root / "bad"
     checkpoints = recon / "nerfstudio_models"
     cases = {
-        "no load dir": ["--pipeline.prompt", "x", "--pipeline.ip2p-model-id", str(tiny_ip2p)],
+        "no load dir": ["--pipeline.prompt", "x", "--pipeline.ip2p-model-id", str(tiny_ip2p), *TINY_EDITS],
         "empty prompt": edit_args(tiny_ip2p, checkpoints)[:2] + ["--pipeline.ip2p-model-id", str(tiny_ip2p)],
         "weights unreachable": edit_args(root / "no-such-ip2p", checkpoints),
         "other scene": edit_args(tiny_ip2p, multi_run / "nerfstudio_models"),

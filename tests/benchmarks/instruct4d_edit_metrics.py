@@ -11,6 +11,7 @@ The edited training images do not depend on the training loss (refresh passes st
 that only changes training gives the same figures.
 
     python tests/benchmarks/instruct4d_edit_metrics.py --out /tmp/after [--repo ../before] [--flow raft|dis]
+    python tests/benchmarks/instruct4d_edit_metrics.py --partial /tmp/after /tmp/before   # frames both have so far
 
 Random tiny models say little about edit quality: the figures compare mechanisms (propagation, flow), not looks.
 """
@@ -51,9 +52,32 @@ def train(repo: Path, method: str, out: Path, name: str, iters: int, *extra: str
         raise SystemExit(f"error: {method} failed, see {out / f'{name}.log'}:\n{result.stderr[-2000:]}")
 
 
+def partial_metrics(outs: list[Path]) -> None:
+    """The metrics of runs still going (or stopped): the edited frames every run has, from frame 0 on."""
+    import numpy as np
+    from PIL import Image
+
+    from ns_4d_methods.editing.edit_metrics import ClipEmbedder, edit_metrics
+
+    edits = [out / "exp" / "instruct4d" / "edit" / "edits" / "cam00" for out in outs]
+    count = 0
+    while all((folder / f"frame{count:05d}.png").is_file() for folder in edits):
+        count += 1
+    originals = sorted((DATA.parent / "images").glob("*.png"))[:count]
+    for out, folder in zip(outs, edits):
+        edited = [np.asarray(Image.open(folder / f"frame{f:05d}.png").convert("RGB")) for f in range(count)]
+        size = edited[0].shape[1::-1]  # nerfstudio's downscale: bicubic
+        pairs = [(np.asarray(Image.open(o).convert("RGB").resize(size, Image.BICUBIC)), e)
+                 for o, e in zip(originals, edited)]
+        report = edit_metrics(pairs, "turn him into a bronze statue", "", ClipEmbedder(str(out / "clip"), "cpu"))
+        print(f"{out}: frames 0-{count - 1}: " + json.dumps(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the models, runs and logs")
+    parser.add_argument("--partial", type=Path, nargs="+", help="only score the common edited frames of these --out "
+                        "folders (runs still going or stopped)")
+    parser.add_argument("--out", type=Path, help="folder for the models, runs and logs")
     parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose code runs (PYTHONPATH)")
     parser.add_argument("--flow", choices=["raft", "dis"], default="raft", help="raft: RAFT-small by path")
     parser.add_argument("--scale", type=float, default=0.125)
@@ -61,6 +85,9 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more instruct4d flags, e.g. for the LPIPS term of newer code: "
                         "'--pipeline.datamanager.train-num-rays-per-batch 1024' (and its AlexNet in the torch cache)")
     args = parser.parse_args()
+    if args.partial:
+        partial_metrics(args.partial)
+        return
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_ip2p_pipeline(out / "ip2p")

@@ -26,7 +26,8 @@ _model.lpips_patch_size = 32
 # The official edit trains fields and proposal networks at a constant 1e-2 (Adam, no scheduler). nerfacto-4d's
 # schedule (1e-2 -> 1e-4 over 200k steps), continued from the reconstruction's last step, would train the edit at
 # 5.0e-3 -> 3.2e-3 after a 30k-step reconstruction. A decay from 1e-2 to 1e-2 is that constant rate with a scheduler
-# object, so the reconstruction's scheduler state still loads; the camera optimiser keeps the reconstruction's.
+# object, so the reconstruction's scheduler state still loads (the first step runs at the loaded optimizer's rate,
+# the scheduler sets 1e-2 after it); the camera optimiser keeps the reconstruction's.
 _optimizers = copy.deepcopy(_reconstruction.optimizers)
 for _group in ("proposal_networks", "fields"):
     _optimizers[_group] = {

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
@@ -25,6 +27,7 @@ def parser(doc: str, name: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("examples_output") / name, help="where everything goes")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the method's own schedule)")
     p.add_argument("--resolution", type=int, default=128, help="size of the generated data in pixels")
+    p.add_argument("--num-train", type=int, default=100, help="training views of the sample scene")
     p.add_argument("--train-args", type=shlex.split, default=[],
                    help='further ns-train flags in one string, e.g. "--pipeline.model.num-levels 8"')
     p.add_argument("--export-args", type=shlex.split, default=[],
@@ -42,13 +45,22 @@ COMMANDS = {
 
 
 def run(command: str, *args) -> None:
-    """Runs ``command`` (an ns-* name) with ``args``; prints it first; stops the example when it fails."""
+    """Runs ``command`` (an ns-* name) with ``args``; prints it first and its wall and CPU time after; stops the
+    example when it fails."""
     args = [str(a) for a in args]
     print("$", command, " ".join(shlex.quote(a) for a in args), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]))
+    start, cpu = time.perf_counter(), _children_cpu()
     result = subprocess.run([sys.executable, "-m", COMMANDS[command], *args], env=env)
+    print(f"({command}: {time.perf_counter() - start:.1f} s, {_children_cpu() - cpu:.1f} s CPU)", flush=True)
     if result.returncode != 0:
         sys.exit(f"error: {command} failed (exit status {result.returncode})")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished commands so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def train(method: str, workdir: Path, steps, *args) -> Path:
@@ -63,7 +75,7 @@ def sample_scene(args: argparse.Namespace) -> Path:
     """``ns-4d-sample-scene`` into ``workdir/scene`` at ``--resolution``, unless an earlier run made it."""
     scene = args.workdir / "scene"
     if not scene.exists():
-        run("ns-4d-sample-scene", scene, "--resolution", args.resolution)
+        run("ns-4d-sample-scene", scene, "--resolution", args.resolution, "--num-train", args.num_train)
     return scene
 
 

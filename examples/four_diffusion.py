@@ -5,10 +5,15 @@ distilled from the 4DM multi-view video prior) -> an orbit video with time movin
 
 Models: the 4DM prior in diffusers layout (--prior-model: a directory made by ``ns-4d-convert 4dm`` from 4Diffusion's
 released checkpoint; see docs of ns-4d-convert), CLIP ``openai/clip-vit-large-patch14`` (--clip-model, for the
-metrics). On a GPU (an estimate, not measured here): about 24 GB of GPU memory (4DM at 256 px, 4 views x 8 frames),
-about 2 hours for 4Diffusion's
-10,000 steps. On a CPU, not practical beyond tiny models (tiny models, as the examples' test runs it: a few minutes,
-mostly the start-up of each ns-* command, about 40 s each on 2 cores; not timed on a quiet machine).
+metrics), CLIPSeg ``CIDAS/clipseg-rd64-refined`` (--matting-model, mattes the anchor video), torchvision's VGG16
+``VGG16_Weights.IMAGENET1K_V1`` in the torch hub cache (the anchor loss's LPIPS; --train-args
+"--pipeline.model.anchor-lpips-weight 0" trains without it). On a GPU (an estimate, not measured here): about 24 GB
+of GPU memory (4DM at 256 px, 4 views x 8 frames), about 2 hours for 4Diffusion's 10,000 steps. On a CPU, not
+practical beyond tiny models. With tiny models, as tests/test_examples.py runs it (tiny random 4DM, CLIP, CLIPSeg and
+VGG16, a 32 px object video, 3 steps, meshes on a 16^3 grid): 524 s on 2 CPU cores shared with other jobs (load
+average 5-6), 225 s of CPU time: ns-4d-sample-scene 3 s, ns-train 186 s (the anchor video, 3 steps, the closing
+evaluation and orbit videos), ns-render 25 s, ns-4d-export mesh 11 s (each ns-* command spends about 10 s of CPU
+starting up and loading the run).
 Outputs under --workdir (default examples_output/four_diffusion): scene/object/, runs/, video.mp4, meshes/.
 """
 
@@ -17,12 +22,14 @@ from _common import orbit_path, parser, render, run, train
 from ns_4d_methods.render.orbit_cameras import orbit_c2w
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
+MATTING_MODEL = "CIDAS/clipseg-rd64-refined"
 
 
 def main() -> None:
     p = parser(__doc__, "four_diffusion")
     p.add_argument("--prior-model", required=True, help="4DM in diffusers layout (ns-4d-convert 4dm)")
     p.add_argument("--clip-model", default=CLIP_MODEL, help="CLIP: hub id or local directory")
+    p.add_argument("--matting-model", default=MATTING_MODEL, help="CLIPSeg for the anchor video's mattes")
     p.add_argument("--prompt", default="three striped spheres", help="text for the prior's conditioning")
     args = p.parse_args()
     scene = args.workdir / "scene"
@@ -31,6 +38,7 @@ def main() -> None:
             "--num-test", 1, "--num-points", 0, "--object-video")
     config = train("4diffusion", args.workdir, args.steps, "--pipeline.prompt", args.prompt,
                    "--pipeline.prior-model", args.prior_model, "--pipeline.clip-model", args.clip_model,
+                   "--pipeline.matting-model", args.matting_model,
                    "--pipeline.gt-views", scene / "object" / "gt_views", *args.train_args,
                    "--data", scene / "object" / "frames")
     # an orbit in 4diffusion's convention (elevation, azimuth from the input view at -90 degrees, distance)

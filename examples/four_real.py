@@ -8,9 +8,12 @@ deformable Gaussians are fitted with video SDS -> a video with time moving -> a 
 Models (hub ids, fetched into the usual cache, or local directories): LTX-Video ``Lightricks/LTX-Video-0.9.5``
 (--video-model: generates the videos and gives the SDS prior), X-CLIP ``microsoft/xclip-base-patch32``
 (--xclip-model, for the metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about
-24 GB of GPU memory, about an
-hour. On a CPU, not practical beyond tiny models (the examples' test passes its own small videos and tiny models: a few
-minutes, not timed on a quiet machine).
+24 GB of GPU memory, about an hour. On a CPU, not practical beyond tiny models. With tiny models, as
+tests/test_examples.py runs it (its own 96 px videos of 17 frames, a tiny random LTX-Video and X-CLIP, 4 steps):
+423 s on 2 CPU cores shared with other jobs (load average 6-9), 103 s of CPU time: ns-train (structure from motion,
+the phases) 31 s, ns-render 17 s, ns-4d-export splatv 42 s (its bake: 54.0 dB at worst against the model's renders,
+over the default --min-psnr 35) and gaussians 13 s (each ns-* command spends about 10 s of CPU starting up and
+loading the run).
 Outputs under --workdir (default examples_output/four_real): runs/, video.mp4, splatv/, gaussians/.
 """
 

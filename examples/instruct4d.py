@@ -4,11 +4,15 @@ an instruction -> a video of the edited scene -> meshes.
     python examples/instruct4d.py --prompt "turn the spheres into gold"
 
 Models (hub ids, fetched into the usual cache, or local directories): InstructPix2Pix
-``timbrooks/instruct-pix2pix`` (--ip2p-model); CLIP ``openai/clip-vit-large-patch14`` for the edit metrics
-(skipped with a message when absent). On a GPU (an estimate, not measured here): about 10 GB of GPU memory for
-InstructPix2Pix at 512 px, the
-reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes
-minutes per frame); with tiny models, as the examples' test runs it, a few minutes (not timed on a quiet machine).
+``timbrooks/instruct-pix2pix`` (--ip2p-model); RAFT optical flow, torchvision's ``Raft_Large_Weights.C_T_V1`` (into
+the torch hub cache; or --train-args "--pipeline.raft-weights FILE", or "--pipeline.flow-backend dis" for OpenCV's
+weight-free flow); CLIP ``openai/clip-vit-large-patch14`` for the edit metrics (skipped with a message when absent).
+On a GPU (an estimate, not measured here): about 10 GB of GPU memory for InstructPix2Pix at 512 px, the
+reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes minutes
+per frame). With tiny models, as tests/test_examples.py runs it (a tiny random InstructPix2Pix, RAFT-small, 32 px,
+10 training views, 4 + 3 steps, 2-step edits): 196 s on 2 CPU cores shared with other jobs (load average 7-8), 113 s
+of CPU time: ns-4d-sample-scene 3 s, the reconstruction 12 s, the edit 23 s, ns-render of the 48-frame path 63 s,
+ns-4d-export mesh 12 s (each ns-* command spends about 10 s of CPU starting up and loading the run).
 Outputs under --workdir (default examples_output/instruct4d): scene/, runs/, video.mp4, meshes/.
 """
 
@@ -28,9 +32,11 @@ def main() -> None:
     args = p.parse_args()
     scene = sample_scene(args)
     recon = train("nerfacto-4d", args.workdir, args.recon_steps, *args.recon_args, "--data", scene)
+    # the sample scene is in D-NeRF's layout: dnerf-data instead of instruct4d's default ns4d-data (a video's
+    # transforms.json, whose frames follow one moving camera)
     config = train("instruct4d", args.workdir, args.steps, "--load-dir", recon.parent / "nerfstudio_models",
                    "--pipeline.prompt", args.prompt, "--pipeline.ip2p-model-id", args.ip2p_model, *args.train_args,
-                   "--data", scene)
+                   "--data", scene, "dnerf-data")
     render_sample_scene_video(config, args)
     run("ns-4d-export", "mesh", "--load-config", config, "--output-dir", args.workdir / "meshes", "--times", 0, 0.5,
         1, *args.export_args)

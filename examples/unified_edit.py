@@ -6,9 +6,11 @@ and the scene (splatfacto-4d's deformable Gaussians) fitted to them -> a video -
 Models (hub ids, fetched into the usual cache, or local directories): Stable Diffusion 2.1 base
 ``stabilityai/stable-diffusion-2-1-base`` (--sd-model), CLIP ``openai/clip-vit-large-patch14`` (--clip-model, for
 the edit metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about 8 GB of GPU
-memory at 512 px, about 40
-minutes. On a CPU the edit takes hours (each view is inverted and
-regenerated); with tiny models, as the examples' test runs it, a few minutes (not timed on a quiet machine).
+memory at 512 px, about 40 minutes. On a CPU the edit takes hours (each view is inverted and regenerated). With tiny
+models, as tests/test_examples.py runs it (a tiny random Stable Diffusion, 32 px, 10 training views, 2 inversion and
+2 sampling steps, 3 training steps): 291 s on 2 CPU cores shared with other jobs (load average 7-9), 97 s of CPU
+time: ns-4d-sample-scene 2 s, ns-train (the edit and the fit) 42 s, ns-render of the 48-frame path 36 s,
+ns-4d-export gaussians 16 s (each ns-* command spends about 10 s of CPU starting up and loading the run).
 Outputs under --workdir (default examples_output/unified_edit): scene/, runs/, video.mp4, gaussians/.
 """
 

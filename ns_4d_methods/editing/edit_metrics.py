@@ -19,7 +19,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
-from transformers import CLIPModel, CLIPProcessor
 
 from ns_4d_methods.editing.optical_flow import DisFlow
 from ns_4d_methods.editing.warping import backward_warp, forward_backward_valid_mask
@@ -41,6 +40,8 @@ class ClipEmbedder:
     """
 
     def __init__(self, model_id: str = CLIP_MODEL, device: torch.device | str = "cpu", field_name: str = "clip_model"):
+        from transformers import CLIPModel, CLIPProcessor  # imported when used: listing the methods (ns-train --help) skips it
+
         self.device = torch.device(device)
         self.model = load_pretrained_model(CLIPModel, model_id, field_name, self.device, torch.float32)
         self.processor = from_pretrained_or_fail(CLIPProcessor, model_id, field_name)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+
+if TYPE_CHECKING:  # an annotation only: importing this module does not load diffusers
+    from diffusers.models.attention_processor import Attention
 
 AnchorVariant = Literal["anchor", "anchor_self"]
 ANCHOR_VARIANTS: tuple[str, ...] = ("anchor", "anchor_self")

@@ -39,11 +39,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
-from diffusers.models.attention_processor import Attention
+
+if TYPE_CHECKING:  # diffusers is imported where it is used: listing the methods (ns-train --help) skips it
+    from diffusers.models.attention_processor import Attention
 
 from ns_4d_methods.errors import InputError
 from ns_4d_methods.guidance.model_loading import hold_frozen, load_diffusion_pipeline
@@ -130,6 +131,8 @@ def injection_layers(unet: torch.nn.Module) -> Tuple[torch.nn.Module, Dict[str, 
     decoder self-attention (``attn1``) except the first, coarsest one, which on SD is exactly
     ``up_blocks`` {1: [1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}. A decoder with a single self-attention keeps it.
     """
+    from diffusers.models.attention_processor import Attention
+
     block = unet.up_blocks[min(1, len(unet.up_blocks) - 1)]
     resnet = block.resnets[min(1, len(block.resnets) - 1)]
     attentions = {
@@ -199,6 +202,8 @@ class AttentionInjectionEditor(torch.nn.Module):
         dtype: torch.dtype | None = None,
         field_name: str = "model",
     ) -> None:
+        from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+
         super().__init__()
         self.config = config
         pipeline = load_diffusion_pipeline(

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.resnet import ResnetBlock2D
 
 
 class CrossFrameGroupNorm(torch.nn.GroupNorm):
@@ -48,6 +47,8 @@ class CrossFrameGroupNorm(torch.nn.GroupNorm):
 
 def _norm_slots(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """(parent, attribute) of every GroupNorm the official code shares across frames."""
+    from diffusers.models.resnet import ResnetBlock2D  # imported when used: method listing skips diffusers
+
     slots = [(module, name) for module in unet.modules() if isinstance(module, ResnetBlock2D)
              for name in ("norm1", "norm2")]
     if isinstance(getattr(unet, "conv_norm_out", None), torch.nn.GroupNorm):

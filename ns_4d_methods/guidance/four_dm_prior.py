@@ -22,12 +22,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 from ns_4d_methods.errors import InputError
-from ns_4d_methods.guidance.four_dm import CAMERA_DIM, FourDMUNet
 from ns_4d_methods.guidance.model_loading import default_dtype, from_pretrained_or_fail, load_pretrained_model
 from ns_4d_methods.render.orbit_cameras import Angle, orbit_c2w
 
@@ -105,6 +101,12 @@ class FourDMPrior:
     def __init__(
         self, model: str, device: Union[str, torch.device], field_name: str = "pipeline.prior-model", dtype=None
     ) -> None:
+        # diffusers, transformers and the UNet are imported here: listing the methods (ns-train --help) skips them
+        from diffusers import AutoencoderKL, DDIMScheduler
+        from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+
+        from ns_4d_methods.guidance.four_dm import FourDMUNet
+
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         load = dict(name_or_path=model, field_name=field_name, device=self.device, dtype=self.dtype)
@@ -200,6 +202,8 @@ class FourDMPrior:
         unconditional branch); the unconditional branch takes the negative prompt and zero CLIP tokens. Both branches
         run as one UNet batch of ``2 x F x (V + 1)``.
         """
+        from ns_4d_methods.guidance.four_dm import CAMERA_DIM
+
         frames, views = self.num_frames, self.num_views
         slots = views + 1
         latent_shape = tuple(noisy_latents.shape[1:])
@@ -263,6 +267,9 @@ class FourDMPrior:
         they are the result's first K frames: the other frames are generated consistent with them through the
         temporal attention.
         """
+        from diffusers import DDIMScheduler
+        from diffusers.utils.torch_utils import randn_tensor
+
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_steps, device=self.device)
         shape = (self.num_frames * self.num_views,) + tuple(condition.latents.shape[1:])

@@ -28,7 +28,6 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 
 from ns_4d_methods.data.structure_from_motion import TRANSFORMS
 from ns_4d_methods.errors import InputError
@@ -112,6 +111,8 @@ def extension_step(
     model: VideoModel, frames: np.ndarray, prompt: str, steps: int, seed: int, **kwargs: object
 ) -> np.ndarray:
     """The ``t`` frames that follow ``frames`` (uint8 [F, H, W, 3]): one call conditioned on the last ``t + 1``."""
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition  # imported when used
+
     ratio = model.pipeline.vae_temporal_compression_ratio
     context = frames[-(ratio + 1) :]
     height, width = frames.shape[1:3]
@@ -138,6 +139,8 @@ def generate_freeze_time_video(
     ``prompt`` is used as given (pass it through :func:`freeze_time_prompt`). Returns uint8 frames
     [num_frames, H, W, 3] and the canonical frame's index in them (its pixels are ``canonical_frame``'s).
     """
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition  # imported when used
+
     ratio = model.pipeline.vae_temporal_compression_ratio
     check_frame_count(clip_frames, "pipeline.freeze_time_clip_frames", ratio, ratio + 1)
     check_frame_count(num_frames, "pipeline.freeze_time_frames", ratio, clip_frames)

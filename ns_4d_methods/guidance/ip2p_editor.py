@@ -28,8 +28,6 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from ns_4d_methods.guidance.anchor_attention import anchor_attention
 from ns_4d_methods.guidance.cross_frame_norm import cross_frame_group_norm
@@ -68,6 +66,9 @@ class InstructPix2PixEditor(torch.nn.Module):
         sampler: Sampler = "ddim",
         sequential_branches: bool = False,
     ) -> None:
+        # diffusers is imported where it is used: listing the methods (ns-train --help) skips it
+        from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+
         super().__init__()
         pipeline = load_diffusion_pipeline(
             StableDiffusionInstructPix2PixPipeline,
@@ -179,6 +180,8 @@ class InstructPix2PixEditor(torch.nn.Module):
         image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
 
         timesteps = self._timesteps(num_inference_steps, strength)
+        from diffusers.utils.torch_utils import randn_tensor
+
         noise = randn_tensor(image_latents.shape, generator=generator, device=self.device, dtype=self.dtype)
         if strength == 1.0:
             latents = noise * self.scheduler.init_noise_sigma

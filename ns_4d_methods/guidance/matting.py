@@ -15,7 +15,6 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from ns_4d_methods.guidance.model_loading import from_pretrained_or_fail, load_pretrained_model
 
@@ -39,6 +38,8 @@ class ObjectMatting:
     """
 
     def __init__(self, model: str, device: Union[str, torch.device], field_name: str) -> None:
+        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor  # imported when used: listing the methods (ns-train --help) skips it
+
         self.device = torch.device(device)
         load = dict(name_or_path=model, field_name=field_name)
         self.model = load_pretrained_model(CLIPSegForImageSegmentation, device=self.device, dtype=torch.float32, **load)

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import diffusers
 import imageio_ffmpeg
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 
 from ns_4d_methods.data.camera_drift import camera_drift
@@ -135,6 +133,8 @@ class PipelineModelIndex:
 
     @staticmethod
     def from_pretrained(name_or_path: str, **kwargs: Any) -> Dict[str, Any]:
+        from diffusers import DiffusionPipeline  # imported when used: listing the methods (ns-train --help) skips it
+
         return DiffusionPipeline.load_config(name_or_path, **kwargs)
 
 
@@ -149,6 +149,8 @@ def resolve_pipeline_class(
         origin = f"{field_name}: '{name_or_path}' is a {found or 'pipeline without a _class_name'}, which"
     if found not in supported:
         raise InputError(f"{origin} is not a supported video pipeline here (supported: {', '.join(supported)})")
+    import diffusers
+
     return getattr(diffusers, supported[found])
 
 
@@ -407,7 +409,9 @@ class VideoModels:
             name = getattr(self.config, "freeze_time_model", "") or self.config.video_model
             shared = self._text_to_video
             if shared is not None and name == self.config.video_model and shared.family == "LTX":
-                self._frame_conditioned = shared.as_pipeline(diffusers.LTXConditionPipeline)
+                from diffusers import LTXConditionPipeline
+
+                self._frame_conditioned = shared.as_pipeline(LTXConditionPipeline)
             else:
                 field_name = "pipeline.freeze_time_model" if name != self.config.video_model else "pipeline.video_model"
                 self._frame_conditioned = VideoModel.load(

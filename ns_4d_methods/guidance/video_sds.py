@@ -23,7 +23,6 @@ from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import LTXPipeline
 from nerfstudio.cameras.cameras import Cameras
 from torch import Tensor
 
@@ -110,6 +109,13 @@ def video_sds_loss(
     return VideoSDSOutput(loss=loss, target=target, sigma=sigma)
 
 
+def _ltx() -> type:
+    """diffusers' LTXPipeline, imported when used: listing the methods (ns-train --help) skips diffusers."""
+    from diffusers import LTXPipeline
+
+    return LTXPipeline
+
+
 SDS_PIPELINES = {name: "LTXPipeline" for name in ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")}
 """``model_index.json`` classes whose weights :class:`LTXVideoPrior` distils (any LTX-Video pipeline)."""
 
@@ -150,7 +156,7 @@ class LTXVideoPrior:
     def encode(self, frames: Tensor) -> Tensor:
         video = (frames * 2.0 - 1.0).permute(1, 0, 2, 3)[None].to(self.device, self.dtype)  # [1, 3, F, H, W]
         latents = self.vae.encode(video).latent_dist.mode()
-        return LTXPipeline._normalize_latents(
+        return _ltx()._normalize_latents(
             latents.float(), self.vae.latents_mean, self.vae.latents_std, self.vae.config.scaling_factor
         )
 
@@ -161,10 +167,10 @@ class LTXVideoPrior:
         self, noisy: Tensor, sigma: float, path: Optional[Cameras] = None, frame_rate: Optional[float] = None
     ) -> Tensor:
         _, _, frames, height, width = noisy.shape
-        tokens = LTXPipeline._pack_latents(noisy, self.patch_size, self.patch_size_t)
+        tokens = _ltx()._pack_latents(noisy, self.patch_size, self.patch_size_t)
         condition = torch.zeros(1, 1, frames, height, width, device=noisy.device)
         condition[:, :, 0] = 1.0
-        condition = LTXPipeline._pack_latents(condition, self.patch_size, self.patch_size_t).squeeze(-1)
+        condition = _ltx()._pack_latents(condition, self.patch_size, self.patch_size_t).squeeze(-1)
         # as LTX's image-to-video pipeline: the condition's tokens are told timestep 0
         timestep = sigma * self.scheduler.config.num_train_timesteps * (1.0 - condition)  # [1, tokens]
         batch = self.text.shape[0]
@@ -186,10 +192,10 @@ class LTXVideoPrior:
         if batch == 2:
             unconditional, conditional = velocity.chunk(2)
             velocity = unconditional + self.guidance_scale * (conditional - unconditional)
-        return LTXPipeline._unpack_latents(velocity, frames, height, width, self.patch_size, self.patch_size_t)
+        return _ltx()._unpack_latents(velocity, frames, height, width, self.patch_size, self.patch_size_t)
 
     def decode(self, latents: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        latents = LTXPipeline._denormalize_latents(
+        latents = _ltx()._denormalize_latents(
             latents, self.vae.latents_mean, self.vae.latents_std, self.vae.config.scaling_factor
         )
         timestep = None

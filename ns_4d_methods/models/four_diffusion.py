@@ -42,7 +42,6 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.utils.checkpoint import checkpoint
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ns_4d_methods.fields.nerfacto_4d_field import SpaceTimeFieldMixin, SpaceTimeHashEncoding
 from ns_4d_methods.guidance.sds_schedule import ramp
@@ -362,6 +361,8 @@ class FourDiffusionModel(Nerfacto4DModel):
         config = self.config
         losses = {}
         if config.anchor_ssim_weight > 0:
+            from torchmetrics.functional.image import structural_similarity_index_measure  # imported when used
+
             ssim = structural_similarity_index_measure(render.float(), anchor.float(), data_range=1.0)
             losses["anchor_ssim"] = config.anchor_ssim_weight * (1.0 - ssim)
         if config.anchor_lpips_weight > 0:

@@ -23,7 +23,6 @@ from typing import Dict, Optional
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ns_4d_methods.guidance.model_loading import (
     WeightsUnavailableError,
@@ -142,6 +141,8 @@ class LPIPSLoss(nn.Module):
 
 def image_metrics(gt_rgb: torch.Tensor, predicted_rgb: torch.Tensor, lpips: Optional[LazyLPIPS]) -> Dict[str, float]:
     """PSNR, SSIM (and LPIPS when available) of two [H, W, 3] images in [0, 1]."""
+    from torchmetrics.functional.image import structural_similarity_index_measure  # ~1.5 s: imported when used
+
     gt = torch.moveaxis(gt_rgb.clamp(0, 1), -1, 0)[None]
     pred = torch.moveaxis(predicted_rgb.clamp(0, 1), -1, 0)[None]
     mse = torch.mean((gt - pred) ** 2)

@@ -14,7 +14,6 @@ from typing import Dict, Optional, Tuple, Type
 from unittest import mock
 
 import torch
-import torchmetrics.image.lpip
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import OrientedBox
@@ -79,7 +78,9 @@ class Nerfacto4DModel(NerfactoModel):
         density_4d = functools.partial(TimeHashMLPDensityField, time_resolution=time_resolution)
         # NerfactoModel.populate_modules builds its fields and torchmetrics' LPIPS (whose constructor downloads
         # AlexNet weights) by name: have it build the 4D fields and a lazy, never-downloading LPIPS instead, so the
-        # proposal wiring stays nerfacto's own.
+        # proposal wiring stays nerfacto's own. (torchmetrics is imported here: ~1.5 s that method listing skips.)
+        import torchmetrics.image.lpip
+
         with mock.patch.object(nerfacto, "NerfactoField", field_4d), mock.patch.object(
             nerfacto, "HashMLPDensityField", density_4d
         ), mock.patch.object(torchmetrics.image.lpip, "LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):

@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import XCLIPModel, XCLIPProcessor
 
 from ns_4d_methods.guidance.model_loading import WeightsUnavailableError, from_pretrained_or_fail, load_pretrained_model
 
@@ -32,6 +31,8 @@ class XClipScorer:
     def __init__(
         self, model_id: str = XCLIP_MODEL, device: torch.device | str = "cpu", field_name: str = "xclip_model"
     ) -> None:
+        from transformers import XCLIPModel, XCLIPProcessor  # imported when used: listing the methods (ns-train --help) skips it
+
         self.device = torch.device(device)
         self.model = load_pretrained_model(XCLIPModel, model_id, field_name, self.device, torch.float32)
         self.processor = from_pretrained_or_fail(XCLIPProcessor, model_id, field_name)

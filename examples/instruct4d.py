@@ -6,7 +6,8 @@ an instruction -> a video of the edited scene -> meshes.
 Models (hub ids, fetched into the usual cache, or local directories): InstructPix2Pix
 ``timbrooks/instruct-pix2pix`` (--ip2p-model); RAFT optical flow, torchvision's ``Raft_Large_Weights.C_T_V1`` (into
 the torch hub cache; or --train-args "--pipeline.raft-weights FILE", or "--pipeline.flow-backend dis" for OpenCV's
-weight-free flow); CLIP ``openai/clip-vit-large-patch14`` for the edit metrics (skipped with a message when absent).
+weight-free flow); the LPIPS loss's AlexNet, torchvision's ``AlexNet_Weights.IMAGENET1K_V1`` (into the torch hub
+cache; --train-args "--pipeline.model.lpips-loss-weight 0" trains without it); CLIP ``openai/clip-vit-large-patch14`` for the edit metrics (skipped with a message when absent).
 On a GPU (an estimate, not measured here): about 10 GB of GPU memory for InstructPix2Pix at 512 px, the
 reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes minutes
 per frame). With tiny models, as tests/test_examples.py runs it (a tiny random InstructPix2Pix, RAFT-small, 32 px,

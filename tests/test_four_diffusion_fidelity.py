@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from nerfstudio.field_components import mlp as nerfstudio_mlp
 from test_four_diffusion_method import PROMPT, tiny_model_config
-from tiny_4dm import build_tiny_4dm, build_tiny_clipseg, write_random_backbone
+from tiny_4dm import assert_lpips_weights_missing, build_tiny_4dm, build_tiny_clipseg, write_random_backbone
 from torch import nn
 
 from ns_4d_methods.cli.sample_object_video import write_object_video
@@ -138,12 +138,9 @@ def test_anchor_lpips_without_weights_stops_in_one_line_unless_off(torch_home):
     from test_four_diffusion_oracle import tiny_model
 
     _, model = tiny_model()
-    with pytest.raises(WeightsUnavailableError) as caught:
-        model.load_anchor_lpips()
-    message = str(caught.value)
-    assert isinstance(caught.value, InputError) and "\n" not in message
-    assert message.startswith(f"--pipeline.model.anchor-lpips-weights: cannot load '{VGG16}'")
-    assert message.endswith("; --pipeline.model.anchor-lpips-weight 0 trains without the LPIPS term")
+    assert_lpips_weights_missing(
+        model.load_anchor_lpips, "--pipeline.model.anchor-lpips-weights", VGG16, "--pipeline.model.anchor-lpips-weight"
+    )
     _, model = tiny_model(anchor_lpips_weight=0.0)
     model.load_anchor_lpips()  # off: nothing to load
     image = torch.rand(1, 3, 32, 32)

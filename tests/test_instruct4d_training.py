@@ -14,11 +14,10 @@ from nerfstudio.data.pixel_samplers import PatchPixelSampler
 from nerfstudio.data.scene_box import SceneBox
 from test_nerfacto_4d import TINY_GRID, TINY_PROPOSALS, _camera_at
 from test_phase_start_schedule import learning_rate_at
-from tiny_4dm import write_random_backbone
+from tiny_4dm import assert_lpips_weights_missing, write_random_backbone
 
 from method_configs.instruct4d import instruct4d
 from ns_4d_methods.errors import InputError
-from ns_4d_methods.guidance.model_loading import WeightsUnavailableError
 from ns_4d_methods.models.image_metrics import ALEXNET
 
 CONFIG = instruct4d.config
@@ -88,12 +87,9 @@ def test_lpips_loss_on_rendered_patches_has_weight_one_and_gradient(torch_home):
 
 def test_lpips_without_weights_is_one_line_naming_the_flag_that_turns_it_off(torch_home):
     model = tiny_model()
-    with pytest.raises(WeightsUnavailableError) as caught:
-        model.load_lpips_loss()
-    message = str(caught.value)
-    assert isinstance(caught.value, InputError) and "\n" not in message
-    assert message.startswith(f"--pipeline.model.lpips-weights: cannot load '{ALEXNET}'")
-    assert message.endswith("; --pipeline.model.lpips-loss-weight 0 trains without the LPIPS term")
+    assert_lpips_weights_missing(
+        model.load_lpips_loss, "--pipeline.model.lpips-weights", ALEXNET, "--pipeline.model.lpips-loss-weight"
+    )
     model = tiny_model(lpips_loss_weight=0.0)
     model.load_lpips_loss()  # off: nothing to load
     model.train()

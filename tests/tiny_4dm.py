@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_clip_towers
@@ -107,6 +108,20 @@ def build_tiny_clipseg(path: str | Path, seed: int = 0) -> Path:
     )
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return Path(path)
+
+
+def assert_lpips_weights_missing(load, field: str, weights: str, off_flag: str) -> None:
+    """``load()`` of an LPIPS term without its backbone weights stops with one line naming ``field``, ``weights``
+    and ``off_flag 0``, the flag that turns the term off."""
+    from ns_4d_methods.errors import InputError
+    from ns_4d_methods.guidance.model_loading import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load()
+    message = str(caught.value)
+    assert isinstance(caught.value, InputError) and "\n" not in message
+    assert message.startswith(f"{field}: cannot load '{weights}'")
+    assert message.endswith(f"; {off_flag} 0 trains without the LPIPS term")
 
 
 def write_random_backbone(weights: str, features_only: bool = False) -> dict:

@@ -69,14 +69,34 @@ SETTLED_FRACTION = 0.0005
 """At most this fraction of the canvas may change between two settled screenshots."""
 MAX_RES = 512
 """nerfstudio's default "Max res": the longer side of the viewer's full-resolution render."""
-CANVAS = (slice(60, 690), slice(0, 660))
-"""The 3D canvas in a 1000 x 700 screenshot: below the header, left of the control panel."""
+
+
+def canvas_box(page) -> tuple:
+    """(top, bottom, left, right) of the 3D canvas in screenshot pixels: the canvas element that is on top at its own
+    centre (viser's page holds a second, full-width canvas under it and the control panel). Read from the page, not
+    fixed: a fixed guess 10 px off put the first view's square 10 px to the side of the camera's (IoU 0.71 against the
+    model's own render of the first camera; 0.95 in the page's box, which is rows 51-700, columns 0-680 here)."""
+    box = page.evaluate(
+        """() => {
+            const onTop = [...document.querySelectorAll("canvas")].filter(c => {
+                const r = c.getBoundingClientRect();
+                return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === c;
+            });
+            if (!onTop.length) return null;
+            const r = onTop[0].getBoundingClientRect();
+            return [r.top, r.bottom, r.left, r.right];
+        }"""
+    )
+    assert box is not None, "no canvas on top of the page at its own centre"
+    return tuple(round(v) for v in box)
 
 
 def canvas_image(page) -> np.ndarray:
+    """A screenshot of the 3D canvas alone."""
+    top, bottom, left, right = page.context.canvas_box
     path = page.context.tmp_dir / f"shot_{time.time_ns()}.png"
     page.screenshot(path=str(path))
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32)[top:bottom, left:right]
 
 
 def scene_mask(region: np.ndarray) -> np.ndarray:
@@ -87,12 +107,12 @@ def scene_mask(region: np.ndarray) -> np.ndarray:
 
 def scene_fraction(img: np.ndarray) -> float:
     """Fraction of the 3D canvas that differs from its background."""
-    return float(scene_mask(img[CANVAS]).mean())
+    return float(scene_mask(img).mean())
 
 
 def changed_fraction(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of the 3D canvas whose colour differs by more than 5 levels between two screenshots."""
-    return float((np.abs(a - b)[CANVAS].max(-1) > 5).mean())
+    return float((np.abs(a - b).max(-1) > 5).mean())
 
 
 def stats(page) -> tuple:
@@ -125,17 +145,36 @@ def settled_canvas(page, what: str, timeout: float = 180.0, replacing: Optional[
     )
 
 
-def framing_overlap(canvas: np.ndarray, image_path: Path) -> float:
-    """Intersection over union of the scene on the canvas and in a training image (its alpha): the canvas's
-    vertical field of view is the camera's, so the centred square of the canvas's height is the image's view."""
-    region = canvas[CANVAS]
-    height, width = region.shape[:2]
+def first_camera_view(canvas: np.ndarray) -> Image.Image:
+    """The part of the canvas that the first training camera's image covers: the canvas's vertical field of view is
+    the camera's, so it is the centred square of the canvas's height."""
+    height, width = canvas.shape[:2]
     left = (width - height) // 2
-    square = scene_mask(region[:, left:left + height])
-    rgba = np.asarray(Image.open(image_path))
-    truth = rgba[..., 3] > 127
-    seen = np.asarray(Image.fromarray(square).resize(truth.shape[::-1], Image.BILINEAR)) > 0
-    return float((seen & truth).sum() / max((seen | truth).sum(), 1))
+    return Image.fromarray(canvas[:, left:left + height].astype(np.uint8))
+
+
+def model_render_of_first_camera(config: Path, size: int) -> Image.Image:
+    """The trained model's own render of the first training camera at its time, ``size`` px high, from the checkpoint
+    ``ns-train`` wrote at its last step (what the viewer shows once training has finished)."""
+    import torch
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(config, test_mode="inference")
+    camera = pipeline.datamanager.train_dataset.cameras[0:1]
+    camera.rescale_output_resolution(size / float(camera.height[0]))
+    with torch.no_grad():
+        rgb = pipeline.model.get_outputs_for_camera(camera.to(pipeline.device))["rgb"]
+    return Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().numpy())
+
+
+def scene_overlap(a: Image.Image, b: np.ndarray, size: int = 64) -> float:
+    """Intersection over union of the scene in picture ``a`` and the mask ``b`` (or the scene in picture ``b``), both
+    box-filtered to ``size`` px first: after 150 steps the splats are speckled, and a per-pixel mask of the same
+    picture at two resolutions overlaps by only about 0.7."""
+    seen = scene_mask(np.asarray(a.resize((size, size), Image.BOX)).astype(np.float32))
+    if isinstance(b, Image.Image):
+        b = scene_mask(np.asarray(b.convert("RGB").resize((size, size), Image.BOX)).astype(np.float32))
+    return float((seen & b).sum() / max((seen | b).sum(), 1))
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
@@ -175,6 +214,7 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             page.wait_for_selector("canvas", timeout=60_000)
             # The training cameras' frustums would count as scene on the canvas: hide them, as a user can.
             page.get_by_text("Hide Train Cams").click()
+            context.canvas_box = canvas_box(page)
             # The scene shows while training runs, within a minute of the command's start, without moving the camera.
             fraction, shown_after = 0.0, 0.0
             while fraction <= 0.01 and shown_after < 60:
@@ -218,9 +258,21 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             Image.fromarray(before.astype(np.uint8)).save(tmp_path / "viewer_before.png")
             fraction = scene_fraction(before)
             assert fraction > 0.01, f"canvas shows no scene ({fraction:.4%} of it differs from the background)"
-            overlap = framing_overlap(before, scene / "train" / "r_000.png")
-            print(f"first view against the first training image: scene overlap (IoU) {overlap:.3f}")
-            assert overlap > 0.6, f"the first view does not frame the scene as the first camera (IoU {overlap:.3f})"
+            # Against the trained model's own render of that camera, so that how well 150 steps fit the image does not
+            # count: CI's run, compared with the image, gave 0.41 where this machine gives 0.71 (seed 7: 0.69). The
+            # render matches at 0.92-0.94 here (seeds 0 and 7); the same picture 10 px (1.5 %) to the side gives 0.77,
+            # 10 % nearer or farther 0.72-0.74.
+            view = first_camera_view(before)
+            config = next((tmp_path / "out").rglob("config.yml"))
+            overlap = scene_overlap(view, model_render_of_first_camera(config, view.height))
+            rgba = Image.open(scene / "train" / "r_000.png").resize((64, 64), Image.BOX)
+            fit = scene_overlap(view, np.asarray(rgba)[..., 3] > 127)
+            print(f"first view against the model's render of the first camera: scene overlap (IoU) {overlap:.3f}; "
+                  f"against the first training image's alpha: {fit:.3f}")
+            assert overlap > 0.85, (
+                f"the first view does not frame the scene as the first camera does (IoU {overlap:.3f} against the "
+                f"model's own render of it)"
+            )
 
             # Control: with nothing touched the settled canvas stays as it is.
             page.wait_for_timeout(3000)
@@ -242,7 +294,6 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             page.get_by_role("button", name="Generate Command").first.click()
             dialog = page.get_by_role("dialog")
             dialog.wait_for(timeout=10_000)
-            config = next((tmp_path / "out").rglob("config.yml"))
             expected = f"ns-4d-export gaussians --load-config {config} --output-dir exports/gaussians/ --times 0.5"
             assert expected in dialog.inner_text(), dialog.inner_text()
             browser.close()

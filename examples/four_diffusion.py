@@ -10,10 +10,10 @@ metrics), CLIPSeg ``CIDAS/clipseg-rd64-refined`` (--matting-model, mattes the an
 "--pipeline.model.anchor-lpips-weight 0" trains without it). On a GPU (an estimate, not measured here): about 24 GB
 of GPU memory (4DM at 256 px, 4 views x 8 frames), about 2 hours for 4Diffusion's 10,000 steps. On a CPU, not
 practical beyond tiny models. With tiny models, as tests/test_examples.py runs it (tiny random 4DM, CLIP, CLIPSeg and
-VGG16, a 32 px object video, 3 steps, meshes on a 16^3 grid): 524 s on 2 CPU cores shared with other jobs (load
-average 5-6), 225 s of CPU time: ns-4d-sample-scene 3 s, ns-train 186 s (the anchor video, 3 steps, the closing
-evaluation and orbit videos), ns-render 25 s, ns-4d-export mesh 11 s (each ns-* command spends about 10 s of CPU
-starting up and loading the run).
+VGG16, a 32 px object video, 3 steps, meshes on a 16^3 grid): 38 s on 2 quiet CPU cores (load
+average below 1), 40 s of CPU time: ns-4d-sample-scene 3 s, ns-train 20 s (the anchor video, 3 steps, the closing
+evaluation and orbit videos), ns-render 9 s, ns-4d-export mesh 8 s (each ns-* command spends about 6 s starting up and
+loading the run; at load average 5-6 the same took 524 s).
 Outputs under --workdir (default examples_output/four_diffusion): scene/object/, runs/, video.mp4, meshes/.
 """
 

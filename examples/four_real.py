@@ -10,10 +10,10 @@ Models (hub ids, fetched into the usual cache, or local directories): LTX-Video 
 (--xclip-model, for the metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about
 24 GB of GPU memory, about an hour. On a CPU, not practical beyond tiny models. With tiny models, as
 tests/test_examples.py runs it (its own 96 px videos of 17 frames, a tiny random LTX-Video and X-CLIP, 4 steps):
-423 s on 2 CPU cores shared with other jobs (load average 6-9), 103 s of CPU time: ns-train (structure from motion,
-the phases) 31 s, ns-render 17 s, ns-4d-export splatv 42 s (its bake: 54.0 dB at worst against the model's renders,
-over the default --min-psnr 35) and gaussians 13 s (each ns-* command spends about 10 s of CPU starting up and
-loading the run).
+40 s on 2 quiet CPU cores, 40 s of CPU time: ns-train (structure from motion, the phases) 13 s, ns-render 9 s,
+ns-4d-export splatv 9 s (its bake: 54.0 dB at worst against the model's renders, over the default --min-psnr 35) and
+gaussians 8 s (each ns-* command spends about 6 s starting up and loading the run; at load average 6-9 the same took
+423 s).
 Outputs under --workdir (default examples_output/four_real): runs/, video.mp4, splatv/, gaussians/.
 """
 

@@ -11,9 +11,9 @@ cache; --train-args "--pipeline.model.lpips-loss-weight 0" trains without it); C
 On a GPU (an estimate, not measured here): about 10 GB of GPU memory for InstructPix2Pix at 512 px, the
 reconstruction about 15 minutes and the edit about an hour. On a CPU this is hours (InstructPix2Pix takes minutes
 per frame). With tiny models, as tests/test_examples.py runs it (a tiny random InstructPix2Pix, RAFT-small, 32 px,
-10 training views, 4 + 3 steps, 2-step edits): 196 s on 2 CPU cores shared with other jobs (load average 7-8), 113 s
-of CPU time: ns-4d-sample-scene 3 s, the reconstruction 12 s, the edit 23 s, ns-render of the 48-frame path 63 s,
-ns-4d-export mesh 12 s (each ns-* command spends about 10 s of CPU starting up and loading the run).
+10 training views, 4 + 3 steps, 2-step edits): 36 s on 2 quiet CPU cores, 40 s of CPU time:
+ns-4d-sample-scene 2 s, the reconstruction 7 s, the edit 11 s, ns-render of the 48-frame path 13 s, ns-4d-export mesh
+8 s (each ns-* command spends about 6 s starting up and loading the run; at load average 7-8 the same took 196 s).
 Outputs under --workdir (default examples_output/instruct4d): scene/, runs/, video.mp4, meshes/.
 """
 

@@ -5,9 +5,9 @@
     python examples/nerfacto_4d.py --steps 2000      # a first look on a CPU (about 1.5 hours on 2 cores)
 
 With tiny settings, as tests/test_examples.py runs it (32 px, 10 training views, 5 steps of a small hash grid, meshes
-on a 16^3 grid): 265 s on 2 CPU cores shared with other jobs (load average 11-16), 87 s of CPU time: ns-4d-sample-scene
-2 s, ns-train 12 s, ns-render of the 48-frame path 62 s, ns-4d-export mesh 12 s (each ns-* command spends about 10 s
-of CPU starting up and loading the run).
+on a 16^3 grid): 22 s on 2 quiet CPU cores, 26 s of CPU time: ns-4d-sample-scene 2 s,
+ns-train 7 s, ns-render of the 48-frame path 11 s, ns-4d-export mesh 6 s (each ns-* command spends about 6 s starting
+up and loading the run; on cores shared with other jobs, at load average 11-16, the same took 265 s and 87 s of CPU).
 
 On a GPU (CUDA, tiny-cuda-nn optional; an estimate, not measured here) 30,000 steps take about 15 minutes with about 4
 GB of GPU memory. Outputs

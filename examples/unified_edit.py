@@ -8,9 +8,10 @@ Models (hub ids, fetched into the usual cache, or local directories): Stable Dif
 the edit metrics; skipped with a message when absent). On a GPU (an estimate, not measured here): about 8 GB of GPU
 memory at 512 px, about 40 minutes. On a CPU the edit takes hours (each view is inverted and regenerated). With tiny
 models, as tests/test_examples.py runs it (a tiny random Stable Diffusion, 32 px, 10 training views, 2 inversion and
-2 sampling steps, 3 training steps): 291 s on 2 CPU cores shared with other jobs (load average 7-9), 97 s of CPU
-time: ns-4d-sample-scene 2 s, ns-train (the edit and the fit) 42 s, ns-render of the 48-frame path 36 s,
-ns-4d-export gaussians 16 s (each ns-* command spends about 10 s of CPU starting up and loading the run).
+2 sampling steps, 3 training steps): 34 s on 2 quiet CPU cores, 38 s of CPU
+time: ns-4d-sample-scene 3 s, ns-train (the edit and the fit) 14 s, ns-render of the 48-frame path 12 s,
+ns-4d-export gaussians 10 s (each ns-* command spends about 6 s starting up and loading the run; at load average 7-9
+the same took 291 s).
 Outputs under --workdir (default examples_output/unified_edit): scene/, runs/, video.mp4, gaussians/.
 """
 

@@ -29,13 +29,10 @@ from ns_4d_methods.export.splatv import read_splatv
 from ns_4d_methods.models.image_metrics import ALEXNET, VGG16
 
 pytestmark = pytest.mark.slow
-# Each example runs four to six ns-* commands (each about 10 s of CPU to start and load the run; a 48-frame ns-render
-# 36-63 s of CPU). The six took 33 min on 2 cores shared with other jobs (load average 5-16), 12.5 min of CPU time in
-# their commands (per example: the README's Examples section): over the 4 minutes the default suite could give them,
-# so the runs are opt-in; the camera path below is always checked.
-run_examples = pytest.mark.skipif(
-    os.environ.get("NS4D_RUN_EXAMPLES") != "1", reason="example runs take minutes each: set NS4D_RUN_EXAMPLES=1"
-)
+# Each example runs four to six ns-* commands, each about 6-10 s on a quiet machine (mostly start-up and loading the
+# run). The six ran in 179 s together on 2 quiet cores (22-36 s each, README's Examples section). Measured on cores
+# shared with other jobs they took 33 min: torch's threads spin when the cores are oversubscribed (a 48-frame ns-render
+# used 36-63 s of CPU there, 6-9 s here).
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
@@ -113,7 +110,6 @@ def test_camera_path_has_a_render_time_per_keyframe():
     assert len(times) == path["seconds"] * path["fps"]
 
 
-@run_examples
 def test_splatfacto_4d(tmp_path):
     # a 5-step run keeps 10,000 faint (opacity 0.1) overlapping Gaussians, where the splatv copies' opacity ripple
     # shows: 32.4-32.6 dB at worst against the MLP renders measured, under the default --min-psnr 35
@@ -126,7 +122,6 @@ def test_splatfacto_4d(tmp_path):
     check_splatv(tmp_path / "splatv" / "scene.splatv", gaussians, 30.0)
 
 
-@run_examples
 def test_nerfacto_4d(tmp_path):
     example("nerfacto_4d", tmp_path, *SCENE, "--steps", "5",
             "--train-args", joined([*TINY_NERFACTO_4D, *QUIET]),
@@ -135,7 +130,6 @@ def test_nerfacto_4d(tmp_path):
     check_meshes(tmp_path / "meshes", [0.0, 0.5, 1.0])
 
 
-@run_examples
 def test_instruct4d(tmp_path, torch_home):
     build_tiny_ip2p_pipeline(tmp_path / "ip2p")
     write_random_backbone(ALEXNET, features_only=True)  # the LPIPS loss's AlexNet, in the offline torch hub cache
@@ -147,7 +141,6 @@ def test_instruct4d(tmp_path, torch_home):
     check_meshes(tmp_path / "run" / "meshes", [0.0, 0.5, 1.0])
 
 
-@run_examples
 def test_unified_edit(tmp_path):
     build_tiny_sd_pipeline(tmp_path / "sd")
     build_tiny_clip(tmp_path / "clip")
@@ -159,7 +152,6 @@ def test_unified_edit(tmp_path):
     assert check_gaussians(tmp_path / "run" / "gaussians", 5) == 10000
 
 
-@run_examples
 def test_four_diffusion(tmp_path, torch_home):
     build_tiny_clip(tmp_path / "clip")
     write_random_backbone(VGG16, features_only=True)  # into TORCH_HOME, which the example's commands inherit
@@ -173,7 +165,6 @@ def test_four_diffusion(tmp_path, torch_home):
     check_meshes(tmp_path / "run" / "meshes", [0.0, 0.5, 1.0])
 
 
-@run_examples
 def test_four_real(tmp_path):
     size, frames, canonical = 96, 17, 8  # structure from motion needs about 96 px (test_four_real_method)
     (tmp_path / "freeze").mkdir()

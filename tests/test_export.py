@@ -143,7 +143,7 @@ def test_splatv_read_back_matches_the_mlp_within_the_reported_error(scene_model,
     cameras = Cameras(camera_to_worlds=torch.cat([c.camera_to_worlds for c in cams]), fx=cams[0].fx[0, 0],
                       fy=cams[0].fy[0, 0], cx=32.0, cy=32.0, width=64, height=64,
                       times=torch.tensor([[float(c.times)] for c in cams]))
-    report = bake_report(model, baked, cameras, num_samples=24)
+    report = bake_report(model, baked, cameras, samples=24)
     write_splatv(baked, tmp_path / "scene.splatv", cameras=[{"id": 0}])
     data = (tmp_path / "scene.splatv").read_bytes()
     magic, length = struct.unpack_from("<II", data)
@@ -180,7 +180,7 @@ def test_splatv_bakes_temporal_opacity(scene_model, monkeypatch):
 
     monkeypatch.setattr(model, "opacities_at", lambda t: torch.logit(opacity(t), eps=1e-6)[:, None])
     for segments in (1, 8):
-        baked = bake(model, num_samples=33, segments=segments)
+        baked = bake(model, samples=33, segments=segments)
         for t in (0.2, 0.6):
             expected = opacity(t)
             copies = baked.gaussians_at(t).opacities.reshape(segments, -1)

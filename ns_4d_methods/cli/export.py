@@ -146,7 +146,7 @@ class ExportSplatv(ExportBase):
     """Training cameras (evenly picked, at their times) rendered for the PSNR check and named in the header."""
 
     def main(self) -> None:
-        from ns_4d_methods.export.splatv import bake, bake_report, write_splatv
+        from ns_4d_methods.export.splatv import bake, bake_report, sample_deformation, write_splatv
 
         if self.times or self.num_frames:
             raise InputError("--times/--num-frames: splatv bakes all of [0, 1]; use --num-samples instead")
@@ -154,12 +154,13 @@ class ExportSplatv(ExportBase):
         pipeline = load_run(self.load_config, (Splatfacto4DModel,), GAUSSIAN_METHODS)
         if self.segments < 1 or self.overlap <= 0:
             raise InputError(f"--segments {self.segments} --overlap {self.overlap:g}: expected at least 1 and > 0")
-        baked = bake(pipeline.model, self.num_samples, self.segments, self.overlap)
+        samples = sample_deformation(pipeline.model, self.num_samples)  # for the bake and its report
+        baked = bake(pipeline.model, samples, self.segments, self.overlap)
         cameras = train_cameras(pipeline)
         if cameras is not None:
             picked = np.unique(np.linspace(0, len(cameras) - 1, min(self.max_cameras, len(cameras))).round())
             cameras = cameras[torch.from_numpy(picked).long()]
-        report = bake_report(pipeline.model, baked, [] if cameras is None else cameras, self.num_samples)
+        report = bake_report(pipeline.model, baked, [] if cameras is None else cameras, samples)
         line = (f"bake error: centres {report.position_rms:.4g} RMS ({100 * report.position_rms_relative:.3g} % of "
                 f"the scene), renders {report.psnr_min:.2f} dB lowest, {report.psnr_mean:.2f} dB mean")
         print(line if cameras is not None else line + " (no training cameras: PSNR not measured)")

@@ -10,7 +10,7 @@ motion coefficients, ``p(t) = centre + m[0:3] dt + m[3:6] dt^2 + m[6:9] dt^3``, 
 quaternion velocity, ``q(t) = q + omega dt`` (then normalised); [15] half (trbf_center, trbf_scale): the opacity is
 multiplied by ``exp(-(dt / trbf_scale)^2)`` and a Gaussian under 0.02 of it is not drawn. Time runs over [0, 1].
 
-Baking: the deformation MLP is sampled at ``num_samples`` times in [0, 1]. One cubic cannot follow much motion (on
+Baking: the deformation MLP is sampled at ``samples`` times in [0, 1]. One cubic cannot follow much motion (on
 the sample scene, whose spheres bounce and orbit once over [0, 1], a single cubic per Gaussian gave 19.8 dB at
 worst against the MLP renders), so each Gaussian is written as ``segments`` copies centred at evenly spaced times,
 each with a temporal radial basis of ``overlap`` times the spacing, its centres fitted by a cubic and its quaternion
@@ -33,7 +33,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -118,13 +118,25 @@ class BakeReport:
     """Mean of those PSNRs."""
 
 
-def bake(model: Splatfacto4DModel, num_samples: int = 64, segments: int = DEFAULT_SEGMENTS,
+Samples = Union[int, Sequence[Gaussians]]
+"""A number of evenly spaced times in [0, 1] (both ends included) at which to evaluate the deformation, or the model's
+Gaussians at such times from :func:`sample_deformation` (the export evaluates it once for the bake and its report)."""
+
+
+def sample_deformation(model: Splatfacto4DModel, samples: Samples) -> List[Gaussians]:
+    """The model's Gaussians at ``samples`` evenly spaced times in [0, 1] (given ones are passed through)."""
+    if not isinstance(samples, int):
+        return list(samples)
+    return [gaussians_at(model, float(t)) for t in torch.linspace(0.0, 1.0, samples, dtype=torch.float64)]
+
+
+def bake(model: Splatfacto4DModel, samples: Samples = 64, segments: int = DEFAULT_SEGMENTS,
          overlap: float = DEFAULT_OVERLAP) -> Splatv:
     """Bakes the model's deformation into splaTV's per-Gaussian polynomials (module docstring): ``segments`` copies
-    of each Gaussian, each fitted over its own part of [0, 1] from ``num_samples`` samples of the deformation, with
-    a temporal radial basis of scale ``overlap / (segments - 1)`` that hands over to the next copy."""
-    times = torch.linspace(0.0, 1.0, num_samples, dtype=torch.float64)
-    frames = [gaussians_at(model, float(t)) for t in times]
+    of each Gaussian, each fitted over its own part of [0, 1] from ``samples`` of the deformation, with a temporal
+    radial basis of scale ``overlap / (segments - 1)`` that hands over to the next copy."""
+    frames = sample_deformation(model, samples)
+    times = torch.linspace(0.0, 1.0, len(frames), dtype=torch.float64)
     means = torch.stack([g.means for g in frames], 1).double()  # [N, T, 3]
     quats = torch.stack([g.quats for g in frames], 1).double()  # [N, T, 4]
     opacities = torch.stack([g.opacities for g in frames], 1).double()  # [N, T]
@@ -221,12 +233,13 @@ def _single_window(opacities: Tensor, times: Tensor) -> Tuple[Tensor, Tensor, Te
     return centre, scale, peak
 
 
-def bake_report(model: Splatfacto4DModel, baked: Splatv, cameras: Cameras, num_samples: int = 32) -> BakeReport:
-    """Compares ``baked`` with the model: centres at ``num_samples`` times in [0, 1], and renders from each of
+def bake_report(model: Splatfacto4DModel, baked: Splatv, cameras: Cameras, samples: Samples = 32) -> BakeReport:
+    """Compares ``baked`` with the model: centres at the ``samples`` times in [0, 1], and renders from each of
     ``cameras`` at its own time (time 0 without times; no renders for an empty list)."""
     squared, weights, extent = [], [], None
-    for t in np.linspace(0.0, 1.0, num_samples):
-        mlp = gaussians_at(model, float(t)).means.numpy()
+    frames = sample_deformation(model, samples)
+    for t, frame in zip(np.linspace(0.0, 1.0, len(frames)), frames):
+        mlp = frame.means.numpy()
         copies = len(baked.centres) // len(mlp)  # segments: copy j of the file is Gaussian j % N of the model
         squared.append(((baked.positions_at(float(t)) - np.tile(mlp, (copies, 1))) ** 2).sum(-1))
         weights.append(baked.visibility(float(t)))

@@ -99,7 +99,11 @@ def mean(values: List[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="working directory to use and keep (default: a temporary one)")
+    parser.add_argument("--seed", type=int, help="adds --machine.seed SEED to ns-train (the README's command keeps "
+                        "nerfstudio's default, 42): the test PSNR of one run is one sample of the seed's spread")
     args = parser.parse_args()
+    if args.seed is not None:
+        COMMANDS[1] += ["--machine.seed", str(args.seed)]
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="first_run_"))
     workdir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()

@@ -142,7 +142,8 @@ def main() -> None:
     for step in eta_steps:
         eta, left = etas[step]
         print(f"| ETA printed at step {step} / time actually left | {eta / 60:.1f} / {left / 60:.1f} min |")
-    print(f"| step time: first 100 steps / middle / last | {first * 1e3:.0f} / {middle * 1e3:.0f} / {last * 1e3:.0f} ms |")
+    step_ms = f"{first * 1e3:.0f} / {middle * 1e3:.0f} / {last * 1e3:.0f} ms"
+    print(f"| step time: first 100 steps / middle / last | {step_ms} |")
     print(f"| last step / first 100 | {last / first:.2f}x |")
     print(f"| Gaussians at the end | {gaussians} |")
     print(f"| test split PSNR / SSIM | {psnr:.2f} dB / {ssim:.4f} |")

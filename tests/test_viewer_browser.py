@@ -167,6 +167,12 @@ def model_render_of_first_camera(config: Path, size: int) -> Image.Image:
     return Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().numpy())
 
 
+def scene_extent(picture: Image.Image, size: int = 64) -> tuple:
+    """(top, bottom, left, right) of the scene in ``picture`` box-filtered to ``size`` px, for failure messages."""
+    rows, cols = np.nonzero(scene_mask(np.asarray(picture.resize((size, size), Image.BOX)).astype(np.float32)))
+    return tuple(int(v) for v in (rows.min(), rows.max(), cols.min(), cols.max())) if len(rows) else ()
+
+
 def scene_overlap(a: Image.Image, b: np.ndarray, size: int = 64) -> float:
     """Intersection over union of the scene in picture ``a`` and the mask ``b`` (or the scene in picture ``b``), both
     box-filtered to ``size`` px first: after 150 steps the splats are speckled, and a per-pixel mask of the same
@@ -264,14 +270,16 @@ def test_viewer_shows_scene_and_time_slider_changes_it(tmp_path):
             # 10 % nearer or farther 0.72-0.74.
             view = first_camera_view(before)
             config = next((tmp_path / "out").rglob("config.yml"))
-            overlap = scene_overlap(view, model_render_of_first_camera(config, view.height))
+            render = model_render_of_first_camera(config, view.height)
+            overlap = scene_overlap(view, render)
             rgba = Image.open(scene / "train" / "r_000.png").resize((64, 64), Image.BOX)
             fit = scene_overlap(view, np.asarray(rgba)[..., 3] > 127)
             print(f"first view against the model's render of the first camera: scene overlap (IoU) {overlap:.3f}; "
                   f"against the first training image's alpha: {fit:.3f}")
             assert overlap > 0.85, (
                 f"the first view does not frame the scene as the first camera does (IoU {overlap:.3f} against the "
-                f"model's own render of it)"
+                f"model's own render of it; canvas box {context.canvas_box}; scene box in 64 px, view "
+                f"{scene_extent(view)}, render {scene_extent(render)})"
             )
 
             # Control: with nothing touched the settled canvas stays as it is.

@@ -30,9 +30,9 @@ from ns_4d_methods.models.image_metrics import ALEXNET, VGG16
 
 pytestmark = pytest.mark.slow
 # Each example runs four to six ns-* commands, each about 6-10 s on a quiet machine (mostly start-up and loading the
-# run). The six ran in 179 s together on 2 quiet cores (22-36 s each, README's Examples section). Measured on cores
+# run). The six ran in 179-209 s together on 2 quiet cores (22-40 s each, README's Examples section). Measured on cores
 # shared with other jobs they took 33 min: torch's threads spin when the cores are oversubscribed (a 48-frame ns-render
-# used 36-63 s of CPU there, 6-9 s here).
+# used 36-63 s of CPU there, 7-13 s here).
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent

@@ -166,6 +166,8 @@ class InstructPix2PixEditor(torch.nn.Module):
         Returns:
             Edited frames [F, 3, H, W] in [0, 1], float32, on the editor's device.
         """
+        from diffusers.utils.torch_utils import randn_tensor  # imported when used: listing the methods skips diffusers
+
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [frames, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
@@ -180,8 +182,6 @@ class InstructPix2PixEditor(torch.nn.Module):
         image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
 
         timesteps = self._timesteps(num_inference_steps, strength)
-        from diffusers.utils.torch_utils import randn_tensor
-
         noise = randn_tensor(image_latents.shape, generator=generator, device=self.device, dtype=self.dtype)
         if strength == 1.0:
             latents = noise * self.scheduler.init_noise_sigma
